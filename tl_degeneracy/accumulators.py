@@ -1,0 +1,146 @@
+"""Running sums that merge exactly.
+
+Every statistic tl_degeneracy streams is a set of *sums* over datapoints (MATH.md §2): two
+accumulators over disjoint data merge by adding their tensors, which is what makes
+batching, checkpoint/resume and multi-process collection give the same numbers.
+``AdditiveAccumulator`` holds that mechanism once; subclasses only say which tensors they
+keep and how one batch updates them.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+ACCUMULATOR_KINDS: dict[str, type["AdditiveAccumulator"]] = {}
+
+
+class AdditiveAccumulator:
+    """A named set of float64 (or int64 count) tensors whose only operation is ``+``."""
+
+    fields: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = "additive"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ACCUMULATOR_KINDS[cls.kind] = cls  # so a saved file can name its accumulator classes
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        missing = set(self.fields) - set(tensors)
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs tensors {sorted(missing)}")
+        self.tensors = {name: tensors[name] for name in self.fields}
+
+    # -- exact algebra ---------------------------------------------------------------------
+    def add_(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
+        self._check_compatible(other)
+        for name in self.fields:
+            self.tensors[name] += other.tensors[name].to(self.tensors[name].device)
+        return self
+
+    def merge(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
+        """A new accumulator holding the sums over both data sets."""
+        return self.copy().add_(other)
+
+    def __add__(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
+        return self.merge(other)
+
+    def copy(self) -> "AdditiveAccumulator":
+        return type(self)({k: v.clone() for k, v in self.tensors.items()})
+
+    def _check_compatible(self, other: "AdditiveAccumulator") -> None:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        for name in self.fields:
+            a, b = self.tensors[name], other.tensors[name]
+            if a.shape != b.shape:
+                raise ValueError(f"cannot merge: {name} has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+
+    def all_reduce(self, group=None) -> "AdditiveAccumulator":
+        """Sum every tensor over the processes of ``torch.distributed`` (in place)."""
+        import torch.distributed as dist
+
+        for tensor in self.tensors.values():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    def to(self, device: str | torch.device) -> "AdditiveAccumulator":
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    # -- serialisation -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.tensors)
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, Tensor]) -> "AdditiveAccumulator":
+        return cls({k: v.clone() for k, v in tensors.items()})
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is type(self)
+                and all(torch.equal(self.tensors[k], other.tensors[k]) for k in self.fields))  # type: ignore[attr-defined]
+
+
+class GramAccumulator(AdditiveAccumulator):
+    """``S = Σ f fᵀ``, ``s = Σ f``, ``n`` over the datapoints of one hook point, in float64.
+
+    Used both for activation Grams ``G`` and Jacobian Grams ``M`` (MATH.md §2), where ``f``
+    is then the probe-backpropagated ``g = Jᵀ v`` and each batch is pre-scaled by the
+    number of probes.
+    """
+
+    fields = ("S", "s", "n")
+    kind = "gram"
+
+    @classmethod
+    def zeros(cls, dim: int, device: str | torch.device = "cpu") -> "GramAccumulator":
+        return cls({
+            "S": torch.zeros(dim, dim, dtype=torch.float64, device=device),
+            "s": torch.zeros(dim, dtype=torch.float64, device=device),
+            "n": torch.zeros((), dtype=torch.int64, device=device),
+        })
+
+    @classmethod
+    def from_batch(cls, f: Float[Tensor, "n d"], weight: float = 1.0) -> "GramAccumulator":
+        """The sums of one batch of datapoints (``f`` is cast to float64 first).
+
+        ``weight`` multiplies ``S`` and ``s`` (not ``n``): the 1/S of a probe average.
+        """
+        f64 = f.detach().to(torch.float64)
+        return cls({
+            "S": (f64.T @ f64) * weight if weight != 1.0 else f64.T @ f64,
+            "s": f64.sum(0) * weight,
+            "n": torch.tensor(f.shape[0], dtype=torch.int64, device=f.device),
+        })
+
+    @property
+    def dim(self) -> int:
+        return self.tensors["S"].shape[0]
+
+    @property
+    def n(self) -> int:
+        return int(self.tensors["n"])
+
+    def _require_data(self) -> None:
+        if self.n == 0:
+            raise ValueError("no datapoints were accumulated (n = 0); check the data and position selection")
+
+    @property
+    def gram(self) -> Float[Tensor, "d d"]:
+        """Uncentered second moment ``S / n``."""
+        self._require_data()
+        return self.tensors["S"] / self.n
+
+    @property
+    def mean(self) -> Float[Tensor, " d"]:
+        self._require_data()
+        return self.tensors["s"] / self.n
+
+    @property
+    def covariance(self) -> Float[Tensor, "d d"]:
+        """Centered (biased, 1/n) covariance ``S/n − μμᵀ``."""
+        mu = self.mean
+        return self.gram - torch.outer(mu, mu)

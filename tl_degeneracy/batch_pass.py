@@ -1,0 +1,225 @@
+"""One batch through the model under hooks → the batch's contribution to every accumulator.
+
+Nothing here touches the running totals: ``collect`` adds a batch only once all of it came
+out finite, so a bad batch never corrupts what was accumulated before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor
+
+from .accumulators import AdditiveAccumulator, GramAccumulator
+from .data import TokenBatch
+from .hook_names import layer_of
+from .positions import PositionSpec, position_mask
+from .probes import BehavioralLoss, ProbeKind, batch_generator, exact_probes, random_probes
+from .stats import ACTIVATIONS, JACOBIANS
+
+OutputSpec = Union[str, Callable[[Tensor], Tensor]]
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in an activation or gradient; names the hook point and the batch."""
+
+
+@dataclass
+class JacobianSettings:
+    n_probes: int | None = 4  # None: exact (one backward pass per output component)
+    output: OutputSpec = "logits"
+    output_positions: PositionSpec = None
+    behavioral_loss: BehavioralLoss = "mse"
+    probe: ProbeKind = "rademacher"
+    seed: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.n_probes is None
+
+    def describe(self) -> dict[str, Any]:
+        out = self.output if isinstance(self.output, str) else f"callable:{getattr(self.output, '__name__', '?')}"
+        positions = self.output_positions
+        return {"n_probes": self.n_probes, "exact": self.exact, "output": out,
+                "output_positions": positions if positions is None or isinstance(positions, (int, list, tuple)) else "mask",
+                "behavioral_loss": self.behavioral_loss, "probe": self.probe, "seed": self.seed}
+
+
+# Per-batch observers beyond Grams (head / neuron synchronisation) plug in here: each gets
+# the cache of the hook points it asked for and returns its accumulators for the batch.
+@dataclass
+class Observer:
+    hooks: list[str]
+    compute: Callable[[dict[str, Tensor], Tensor], dict[tuple[str, str], AdditiveAccumulator]]
+
+
+@dataclass
+class BatchPlan:
+    hooks: list[str]
+    positions: PositionSpec = None
+    jacobians: JacobianSettings | None = None
+    observers: list[Observer] = field(default_factory=list)
+
+
+def _check_finite(acc: GramAccumulator, what: str, hook: str, batch_index: int) -> None:
+    if not bool(torch.isfinite(acc.tensors["s"]).all()) or not bool(torch.isfinite(acc.tensors["S"].diagonal()).all()):
+        raise NonFiniteError(
+            f"non-finite {what} (NaN or Inf) at hook point {hook!r} in batch {batch_index}; "
+            "nothing from this batch was added. Check the model's dtype (float16 overflows) and "
+            "the input tokens."
+        )
+
+
+def _flat(act: Tensor) -> Tensor:
+    """[batch, pos, ...] → [batch, pos, d] (heads flattened, e.g. hook_z)."""
+    return act.reshape(act.shape[0], act.shape[1], -1)
+
+
+def _stop_layer(model: torch.nn.Module, names: list[str]) -> int | None:
+    """Run only the blocks the hooks need (skips ln_final and the unembedding)."""
+    layers = [layer_of(n) for n in names]
+    if any(layer is None for layer in layers):
+        return None
+    return max(layers) + 1  # type: ignore[type-var]
+
+
+def run_batch(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    plan: BatchPlan,
+    batch_index: int,
+) -> dict[tuple[str, str], AdditiveAccumulator]:
+    tokens = batch.tokens.to(_device(model))
+    B, T = tokens.shape
+    mask = position_mask(plan.positions, B, T, batch.attention_mask, device=tokens.device)
+    out: dict[tuple[str, str], AdditiveAccumulator] = {}
+    observer_hooks = [h for obs in plan.observers for h in obs.hooks]
+    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(tokens.device)}
+
+    if plan.jacobians is None:
+        cache: dict[str, Tensor] = {}
+
+        def gram_hook(name: str):
+            def hook(act: Tensor, hook: Any) -> None:
+                acc = GramAccumulator.from_batch(_flat(act)[mask])
+                _check_finite(acc, "activations", name, batch_index)
+                out[(ACTIVATIONS, name)] = acc
+
+            return hook
+
+        def cache_hook(name: str):
+            def hook(act: Tensor, hook: Any) -> None:
+                cache[name] = act.detach()
+
+            return hook
+
+        fwd = [(n, gram_hook(n)) for n in plan.hooks] + [(n, cache_hook(n)) for n in dict.fromkeys(observer_hooks)]
+        stop = _stop_layer(model, plan.hooks + observer_hooks)
+        if stop is not None:
+            kwargs["stop_at_layer"] = stop
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+            model(tokens, **kwargs)
+        for obs in plan.observers:
+            out.update(obs.compute(cache, mask))
+        return out
+
+    return _run_batch_with_jacobians(model, tokens, mask, plan, batch_index, kwargs, out)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class _ParamsRequireGrad:
+    """Make every parameter require grad for the forward pass, so activations carry a graph.
+
+    ``torch.autograd.grad`` then differentiates only w.r.t. the captured activations: no
+    parameter ``.grad`` is ever written.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+
+    def __enter__(self) -> None:
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in self.frozen:
+            p.requires_grad_(False)
+
+
+def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSettings) -> Tensor:
+    if callable(settings.output):
+        z = settings.output(logits)
+    elif settings.output == "logits":
+        z = logits
+    else:
+        z = captured[settings.output]
+    if settings.output_positions is not None and not callable(settings.output):
+        pos_mask = position_mask(settings.output_positions, z.shape[0], z.shape[1], device=z.device)
+        z = z[:, pos_mask[0]]
+    return z
+
+
+def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index: int, kwargs: dict,
+                              out: dict) -> dict:
+    settings = plan.jacobians
+    assert settings is not None
+    captured: dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            captured[name] = act
+            # Returning the tensor (unchanged) matters on the bridge: a hook point with a
+            # shape conversion (hook_z, hook_q, ...) then feeds *this* tensor, reverted,
+            # downstream, so gradients reach it. Without a conversion it is the same object.
+            return act
+
+        return hook
+
+    observer_hooks = [h for obs in plan.observers for h in obs.hooks]
+    extra = [settings.output] if isinstance(settings.output, str) and settings.output != "logits" else []
+    names = list(dict.fromkeys(plan.hooks + observer_hooks + extra))
+    if extra:  # local analysis: nothing after the output hook is needed
+        stop = _stop_layer(model, names)
+        if stop is not None:
+            kwargs["stop_at_layer"] = stop
+    with torch.enable_grad(), _ParamsRequireGrad(model), model.hooks(fwd_hooks=[(n, capture(n)) for n in names]):
+        logits = model(tokens, **kwargs)
+        z = _output_of(logits, captured, settings)
+
+        for name in plan.hooks:
+            acc = GramAccumulator.from_batch(_flat(captured[name].detach())[mask])
+            _check_finite(acc, "activations", name, batch_index)
+            out[(ACTIVATIONS, name)] = acc
+        for obs in plan.observers:
+            out.update(obs.compute({k: v.detach() for k, v in captured.items()}, mask))
+
+        probs = torch.softmax(z.detach(), dim=-1) if settings.behavioral_loss == "kl" else None
+        if settings.exact:
+            probes, weight = exact_probes(z, probs), 1.0
+        else:
+            gen = batch_generator(settings.seed, batch_index, z.device)
+            probes = random_probes(z, settings.n_probes, settings.probe, gen, probs)
+            weight = 1.0 / settings.n_probes
+        inputs = [captured[n] for n in plan.hooks]
+        jac: dict[str, GramAccumulator] = {}
+        for v in probes:
+            grads = torch.autograd.grad(z, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
+            for name, g in zip(plan.hooks, grads):
+                if g is None:
+                    raise RuntimeError(
+                        f"the output does not depend on hook point {name!r} (no gradient reaches it); "
+                        "choose hooks before the output, or a later output"
+                    )
+                acc = GramAccumulator.from_batch(_flat(g)[mask], weight=weight)
+                jac[name] = acc if name not in jac else jac[name].add_(acc)
+    for name, acc in jac.items():
+        acc.tensors["n"] = torch.tensor(int(mask.sum()), dtype=torch.int64, device=acc.tensors["n"].device)
+        _check_finite(acc, "Jacobian probes", name, batch_index)
+        out[(JACOBIANS, name)] = acc
+    return out

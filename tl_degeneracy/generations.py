@@ -1,0 +1,176 @@
+"""The two TransformerLens generations behind one small interface.
+
+TL <= 3.x ships ``HookedTransformer``; TL 4.x replaced it with ``TransformerBridge``.
+Both expose the same hook API (``hook_dict``, ``hooks()``, ``run_with_hooks``,
+``run_with_cache``) and the same hook names, which is all the collectors use. This
+module holds the few places where the generations differ: building a model from a
+TL-format state dict, loading a pretrained model, and describing a model so that a
+checkpoint or basis file can be checked against it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+
+def installed_generation() -> int:
+    """3 when ``transformer_lens.HookedTransformer`` exists (TL <= 3.x), else 4."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return 4
+    return 3
+
+
+def transformer_lens_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """The class name users know the model by ("HookedTransformer", "TransformerBridge", ...)."""
+    return type(model).__name__
+
+
+def model_cfg(model: torch.nn.Module) -> Any:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise TypeError(
+            f"{model_kind(model)} has no .cfg; tl_degeneracy needs a TransformerLens model "
+            "(HookedTransformer, TransformerBridge or a HookedRootModule with a cfg)."
+        )
+    return cfg
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _cfg_summary(model: torch.nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "cfg", None)
+    keys = ("model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
+            "act_fn", "normalization_type")
+    return {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
+
+
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    """A JSON-able identity card: class, TL version, config, processing flags, weight checksum.
+
+    The checksum (sum and sum of squares of every parameter, in float64) tells two
+    models with the same config but different weights apart, cheaply.
+    """
+    total, squares = 0.0, 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p64 = p.detach().to(torch.float64)
+            total += float(p64.sum())
+            squares += float(p64.square().sum())
+    summary = _cfg_summary(model)
+    digest = hashlib.sha256(json.dumps([summary, f"{total:.9e}", f"{squares:.9e}"]).encode()).hexdigest()
+    return {
+        "class": model_kind(model),
+        "transformer_lens": transformer_lens_version(),
+        "cfg": {k: str(v) if not isinstance(v, (int, float, str, bool)) else v for k, v in summary.items()},
+        "compatibility_mode": bool(getattr(model, "compatibility_mode", False)),
+        "dtype": str(model_dtype(model)),
+        "weights_sha256": digest,
+    }
+
+
+def _legacy_config_dict(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    return {**cfg, "dtype": dtype}
+
+
+def model_from_tl_state_dict(
+    cfg: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """Build a model in the *installed* generation from a HookedTransformer-format state dict.
+
+    TL 3.x: ``HookedTransformer(HookedTransformerConfig(**cfg))``. TL 4.x:
+    ``TransformerBridge.boot_native`` of the same config, loaded through
+    ``convert_tl_checkpoint``. Neither path processes the weights (no LN folding), so
+    both generations compute the same function on the same weights.
+    """
+    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    if installed_generation() == 3:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model = HookedTransformer(HookedTransformerConfig(**_legacy_config_dict(cfg, dtype)))
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        real_missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
+        if real_missing or unexpected:
+            raise ValueError(f"state dict does not fit the config: missing {real_missing}, unexpected {unexpected}")
+    else:
+        from transformer_lens import TransformerBridge
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+        bridge_cfg = TransformerBridgeConfig(**cfg)
+        model = TransformerBridge.boot_native(bridge_cfg, dtype=dtype)
+        model.load_state_dict(convert_tl_checkpoint(state_dict, bridge_cfg), strict=True)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+class HubUnavailableError(RuntimeError):
+    """Raised when a model name needs the Hugging Face hub and the hub cannot be reached."""
+
+
+def load_pretrained(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """Load ``name`` the way the installed TL generation loads it.
+
+    TL 3.x: ``HookedTransformer.from_pretrained(name)`` (weights processed: LN folded,
+    writing weights centred). TL 4.x: ``TransformerBridge.boot_transformers(name)``
+    followed by ``enable_compatibility_mode()``, which applies the same processing.
+    ``name`` may also be a local Hugging Face model folder.
+    """
+    try:
+        if installed_generation() == 3:
+            from transformer_lens import HookedTransformer
+
+            model = HookedTransformer.from_pretrained(name, dtype=dtype, device=device)
+        else:
+            from transformer_lens import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(name, dtype=dtype, device=device)
+            model.enable_compatibility_mode(disable_warnings=True)
+    except (OSError, ConnectionError) as exc:  # hub errors surface as OSError subclasses
+        raise HubUnavailableError(
+            f"could not load {name!r}: the Hugging Face hub is not reachable from here ({type(exc).__name__}). "
+            "Offline alternatives: omit the model to use the embedded default model, pass a local "
+            "Hugging Face model folder, or set HF_HUB_OFFLINE=1 with the model already in the HF cache."
+        ) from exc
+    model.eval()
+    return model
+
+
+def tokenizer_of(model: torch.nn.Module) -> Any:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(
+            f"{model_kind(model)} has no tokenizer, so text data cannot be tokenized. "
+            "Pass token ids (a tensor or an iterable of tensors) instead, or attach a tokenizer "
+            "(model.set_tokenizer(...))."
+        )
+    return tok
