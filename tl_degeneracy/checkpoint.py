@@ -23,8 +23,11 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | 
             continue
         if key == "model" and isinstance(then, dict):
             fields = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-            problems.append(f"model differs in {fields}" + (
-                " (different weights)" if "weights_sha256" in fields else ""))
+            old_cfg, new_cfg = then.get("cfg", {}), now.get("cfg", {})
+            cfg_fields = [f"{k}: {old_cfg.get(k)!r} → {new_cfg.get(k)!r}" for k in sorted(set(old_cfg) | set(new_cfg))
+                          if old_cfg.get(k) != new_cfg.get(k)]
+            problems.append(f"model differs in {fields}" + (f" ({', '.join(cfg_fields)})" if cfg_fields else "")
+                            + (" (different weights)" if "weights_sha256" in fields else ""))
         elif key == "hooks":
             problems.append(f"hooks differ: checkpoint has {then}, this run asks for {now}")
         else:

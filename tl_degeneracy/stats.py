@@ -63,14 +63,19 @@ class Stats:
         self.meta.setdefault("n_batches", 0)
 
     # -- reading ---------------------------------------------------------------------------------
+    def _names(self, group: str) -> list[str]:
+        have = [name for g, name in self.accumulators if g == group]
+        asked = [h for h in self.meta.get("hooks", []) if h in have]  # the order the user gave
+        return asked + [h for h in have if h not in asked]
+
     @property
     def hooks(self) -> list[str]:
-        """Hook points with activation statistics, in collection order."""
-        return [name for group, name in self.accumulators if group == ACTIVATIONS]
+        """Hook points with activation statistics, in the order they were asked for."""
+        return self._names(ACTIVATIONS)
 
     @property
     def jacobian_hooks(self) -> list[str]:
-        return [name for group, name in self.accumulators if group == JACOBIANS]
+        return self._names(JACOBIANS)
 
     @property
     def n_tokens(self) -> int:

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from tl_degeneracy import GramAccumulator, Stats
+
+
+def _data(n=50, d=6, seed=0, dtype=torch.float32):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_gram_mean_covariance_match_dense():
+    f = _data()
+    acc = GramAccumulator.from_batch(f)
+    f64 = f.double()
+    assert torch.allclose(acc.gram, f64.T @ f64 / 50, rtol=1e-14, atol=0)
+    assert torch.allclose(acc.mean, f64.mean(0), rtol=1e-14, atol=1e-16)
+    cov = torch.cov(f64.T, correction=0)
+    assert torch.allclose(acc.covariance, cov, rtol=1e-12, atol=1e-14)
+    assert acc.tensors["S"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float64(dtype):
+    f = _data(dtype=dtype)
+    acc = GramAccumulator.from_batch(f)
+    assert acc.tensors["S"].dtype == torch.float64
+    exact = f.double().T @ f.double()  # the low-precision values, squared exactly in float64
+    assert torch.allclose(acc.tensors["S"], exact, rtol=1e-14, atol=0)
+
+
+def test_merge_is_exact_sum():
+    f = _data(n=90)
+    whole = GramAccumulator.from_batch(f)
+    parts = GramAccumulator.from_batch(f[:30]).merge(GramAccumulator.from_batch(f[30:]))
+    assert parts.n == whole.n == 90
+    assert torch.allclose(parts.tensors["S"], whole.tensors["S"], rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        whole.merge(GramAccumulator.from_batch(_data(d=3)))
+
+
+def test_empty_accumulator_refuses_to_divide():
+    with pytest.raises(ValueError, match="n = 0"):
+        GramAccumulator.zeros(4).gram
+
+
+def test_stats_save_load_roundtrip(tmp_path):
+    stats = Stats({("activations", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data()),
+                   ("jacobians", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data(seed=1))},
+                  {"hooks": ["blocks.0.hook_resid_pre"], "n_tokens": 50})
+    stats.save(tmp_path / "s.safetensors")
+    back = Stats.load(tmp_path / "s.safetensors")
+    assert back.hooks == ["blocks.0.hook_resid_pre"]
+    assert back.n_tokens == 50
+    for key, acc in stats.accumulators.items():
+        assert back.accumulators[key] == acc
+    assert torch.equal(back.jacobian_gram("blocks.0.hook_resid_pre"), stats.jacobian_gram("blocks.0.hook_resid_pre"))
+    with pytest.raises(KeyError, match="blocks.0.hook_resid_pre"):
+        back.gram("blocks.9.hook_resid_pre")
+
+
+def test_not_a_stats_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a tl_degeneracy file"):
+        Stats.load(tmp_path / "other.safetensors")

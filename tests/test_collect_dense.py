@@ -1,0 +1,84 @@
+"""Streamed Grams equal dense ones from run_with_cache (MATH.md §2), on the installed TL generation."""
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from dense_reference import dense_activations, rel_err
+from tl_degeneracy.toy_models import tiny_model
+
+pytestmark = pytest.mark.models
+
+HOOKS = [
+    "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q",
+    "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.1.hook_resid_mid",
+    "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post",
+]
+
+
+def test_gram_and_covariance_equal_dense(tiny, tiny_tokens):
+    stats = tld.collect(tiny, tiny_tokens, HOOKS, batch_size=3, progress=False)
+    assert stats.hooks == HOOKS  # keyed by the names asked for, in order
+    assert stats.n_tokens == tiny_tokens.numel()
+    for hook in HOOKS:
+        f = dense_activations(tiny, tiny_tokens, hook)
+        assert stats.n_datapoints(hook) == f.shape[0]
+        assert rel_err(stats.gram(hook), f.T @ f / f.shape[0]) < 1e-10, hook
+        assert rel_err(stats.covariance(hook), torch.cov(f.T, correction=0)) < 1e-10, hook
+        assert rel_err(stats.mean(hook), f.mean(0)) < 1e-10, hook
+
+
+def test_globs_and_callables_select_hooks(tiny, tiny_tokens):
+    by_glob = tld.collect(tiny, tiny_tokens, "blocks.*.mlp.hook_post", progress=False)
+    assert by_glob.hooks == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    by_fn = tld.collect(tiny, tiny_tokens, lambda n: n.endswith("hook_resid_pre") and n.startswith("blocks."),
+                        progress=False)
+    assert set(by_fn.hooks) == {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"}
+    default = tld.collect(tiny, tiny_tokens, progress=False)
+    assert default.hooks == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+
+
+def test_position_selection_and_padding(tiny, tiny_tokens):
+    hook = "blocks.1.hook_resid_pre"
+    last = tld.collect(tiny, tiny_tokens, hook, positions=[-1], progress=False)
+    f_all = dense_activations(tiny, tiny_tokens, hook).reshape(10, 12, -1)
+    f_last = f_all[:, -1]
+    assert last.n_datapoints(hook) == 10
+    assert rel_err(last.gram(hook), f_last.T @ f_last / 10) < 1e-10
+
+    # Left padding: a [batch, pos] attention mask excludes pads from every sum.
+    attention_mask = torch.ones(10, 12, dtype=torch.bool)
+    attention_mask[:5, :4] = False
+    batches = [{"tokens": tiny_tokens[i:i + 5], "attention_mask": attention_mask[i:i + 5]} for i in (0, 5)]
+    padded = tld.collect(tiny, batches, hook, progress=False)
+    _, cache = tiny.run_with_cache(tiny_tokens, attention_mask=attention_mask.long())
+    f = cache[hook].double()[attention_mask]
+    assert padded.n_datapoints(hook) == padded.n_tokens == int(attention_mask.sum())
+    assert rel_err(padded.gram(hook), f.T @ f / f.shape[0]) < 1e-10
+
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[[0, 5]] = True
+    masked = tld.collect(tiny, tiny_tokens, hook, positions=mask, progress=False)
+    f_mask = f_all[:, mask].reshape(-1, f_all.shape[-1])
+    assert rel_err(masked.gram(hook), f_mask.T @ f_mask / 20) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_accumulates_float64(dtype, tiny_tokens):
+    model = tiny_model(seed=0, dtype=dtype)
+    hook = "blocks.1.hook_resid_pre"
+    stats = tld.collect(model, tiny_tokens, hook, progress=False)
+    assert stats.gram(hook).dtype == torch.float64
+    f = dense_activations(model, tiny_tokens, hook)  # the model's own low-precision values
+    assert rel_err(stats.gram(hook), f.T @ f / f.shape[0]) < 1e-12
+
+
+def test_modadd_fixture_grams(modadd_dir):
+    from tl_degeneracy.toy_models import modadd_dataset, modadd_model
+
+    model = modadd_model(modadd_dir, dtype=torch.float64)
+    tokens = modadd_dataset("train")[:500]
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post", "blocks.0.attn.hook_z"]
+    stats = tld.collect(model, tokens, hooks, batch_size=128, positions=[-1], progress=False)
+    for hook in hooks:
+        f = dense_activations(model, tokens, hook).reshape(500, 3, -1)[:, -1]
+        assert rel_err(stats.gram(hook), f.T @ f / 500) < 1e-10

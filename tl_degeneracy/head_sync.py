@@ -1,0 +1,312 @@
+"""Synchronized attention heads (MATH.md §4, paper §3.2 "Attention").
+
+Two heads of one layer are synchronized when their attention patterns agree on the data.
+Then the value/output maps of the two heads can exchange value directions (``W_V`` rows
+mixed, ``W_O`` undoing it) without changing the model: ``2·r_h·r_h'`` free directions per
+pair, ``r`` the rank of each head's ``W_V`` (``2·d_head²`` at full rank), on top of the
+generic ``d_head²`` per head.
+
+Streaming: per layer we keep ``Σ⟨A_h, A_h'⟩`` (an ``n_heads × n_heads`` Gram of attention
+rows), ``Σ ½‖A_h − A_h'‖₁`` and the number of query rows, summed over the datapoints
+(non-padding query positions the position mask selects). Only one batch of patterns is
+ever alive; the float64 work is chunked over query positions.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+from einops import einsum
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .accumulators import AdditiveAccumulator
+from .batch_pass import Observer
+from .collect import OBSERVER_FACTORIES
+
+HEAD_SYNC = "head_sync"
+Metric = Literal["tv", "squared"]
+Linkage = Literal["components", "complete"]
+
+# float64 elements per chunk of attention rows (≈ 32 MB): bounds the extra memory beyond
+# the batch of patterns the forward pass already holds.
+_CHUNK_ELEMENTS = 2**22
+
+
+def pattern_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+class HeadSyncAccumulator(AdditiveAccumulator):
+    """Sums over query rows of one layer: ``gram[h,h'] = Σ⟨A_h,A_h'⟩``, ``tv[h,h'] = Σ ½‖A_h−A_h'‖₁``, ``n``."""
+
+    fields = ("gram", "tv", "n")
+    kind = "head_sync"
+
+    @classmethod
+    def zeros(cls, n_heads: int, device: str | torch.device = "cpu") -> "HeadSyncAccumulator":
+        return cls({
+            "gram": torch.zeros(n_heads, n_heads, dtype=torch.float64, device=device),
+            "tv": torch.zeros(n_heads, n_heads, dtype=torch.float64, device=device),
+            "n": torch.zeros((), dtype=torch.int64, device=device),
+        })
+
+    @classmethod
+    def from_batch(
+        cls,
+        pattern: Float[Tensor, "batch head query key"],
+        mask: Bool[Tensor, "batch query"],
+    ) -> "HeadSyncAccumulator":
+        """The sums over the query rows ``mask`` selects.
+
+        Causal masking zeroes the same keys for every head of a layer, so comparing full
+        rows compares exactly the keys both heads can see.
+        """
+        B, H, Q, K = pattern.shape
+        acc = cls.zeros(H, device=pattern.device)
+        gram, tv = acc.tensors["gram"], acc.tensors["tv"]
+        mask = mask.to(pattern.device)
+        rows = max(1, _CHUNK_ELEMENTS // max(1, B * H * K))
+        for q0 in range(0, Q, rows):
+            m = mask[:, q0:q0 + rows]
+            if not bool(m.any()):
+                continue
+            # where(), not multiplication: padded query rows may hold NaN.
+            a = torch.where(m[:, None, :, None], pattern[:, :, q0:q0 + rows].to(torch.float64), 0.0)
+            gram += einsum(a, a, "b h q k, b g q k -> h g")
+            for h in range(H - 1):
+                # ½‖A_h − A_h'‖₁ for h' > h, one head at a time: memory stays one chunk.
+                tv[h, h + 1:] += 0.5 * (a[:, h:h + 1] - a[:, h + 1:]).abs().sum(dim=(0, 2, 3))
+        acc.tensors["tv"] = tv + tv.T
+        acc.tensors["n"] = mask.sum().to(torch.int64)
+        return acc
+
+
+def head_sync_observer(model: torch.nn.Module, options: dict[str, Any]) -> Observer:
+    """Observer for ``collect(..., head_sync=True)`` (or ``head_sync=[layers]``)."""
+    value = options.get("value", True)
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if value is True else [int(l) for l in value]
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"head_sync layers {bad} do not exist (the model has {n_layers} layers)")
+    hooks = [pattern_hook(l) for l in layers]
+
+    def compute(cache: dict[str, Tensor], mask: Tensor) -> dict[tuple[str, str], AdditiveAccumulator]:
+        return {(HEAD_SYNC, name): HeadSyncAccumulator.from_batch(cache[name], mask) for name in hooks}
+
+    return Observer(hooks=hooks, compute=compute)
+
+
+OBSERVER_FACTORIES["head_sync"] = head_sync_observer
+
+
+# -- reading the sums --------------------------------------------------------------------------
+
+def _head_sync_layers(stats: Any) -> list[int]:
+    return sorted(int(name.split(".")[1]) for group, name in stats.accumulators if group == HEAD_SYNC)
+
+
+def head_sync_matrices(stats: Any, layer: int) -> dict[str, Any]:
+    """Per-pair head statistics of one layer (float64, ``n_heads × n_heads``).
+
+    Returns ``distance`` = ``D_hh' = E‖A_h − A_h'‖²`` over query rows (in [0, 2]),
+    ``tv`` = mean total-variation distance ``E ½‖A_h − A_h'‖₁`` (in [0, 1]),
+    ``gram`` = ``E⟨A_h, A_h'⟩`` and ``n`` (query rows seen).
+    """
+    key = (HEAD_SYNC, pattern_hook(layer))
+    if key not in stats.accumulators:
+        have = _head_sync_layers(stats)
+        raise KeyError(f"no head-synchronisation statistics for layer {layer}: collect with head_sync=True "
+                       f"(they exist for layers {have or 'none'})")
+    acc = stats.accumulators[key]
+    n = int(acc.tensors["n"])
+    if n == 0:
+        raise ValueError(f"no query rows were accumulated for layer {layer}")
+    gram = acc.tensors["gram"] / n
+    diag = gram.diagonal()
+    distance = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0.0)
+    distance.fill_diagonal_(0.0)
+    return {"distance": distance, "tv": acc.tensors["tv"] / n, "gram": gram, "n": n}
+
+
+# -- blocks ------------------------------------------------------------------------------------
+
+def blocks_below(
+    distance: Float[Tensor, "n n"],
+    threshold: float,
+    linkage: Linkage = "components",
+    candidates: Iterable[int] | None = None,
+) -> list[list[int]]:
+    """Groups (size ≥ 2) of indices whose pairwise ``distance`` is at most ``threshold``.
+
+    ``components``: connected components of the graph ``distance ≤ threshold`` (exact
+    synchronisation is transitive, so with exact ties this is the right grouping; with
+    approximate ties a chain can join far-apart members — report the worst pair).
+    ``complete``: agglomerative clustering with complete linkage, stopped at
+    ``threshold``, so every pair inside a block is within it.
+    """
+    idx = list(range(distance.shape[0])) if candidates is None else sorted(int(i) for i in candidates)
+    if len(idx) < 2:
+        return []
+    d = distance[idx][:, idx].to(torch.float64)
+    d = torch.maximum(d, d.T)  # symmetric: the worse direction decides
+    close = d <= threshold
+    if linkage == "components":
+        label = torch.full((len(idx),), -1, dtype=torch.long)
+        groups: list[list[int]] = []
+        for start in range(len(idx)):
+            if label[start] >= 0:
+                continue
+            label[start] = len(groups)
+            members, frontier = [start], torch.tensor([start])
+            while frontier.numel():
+                reach = close[frontier].any(0) & (label < 0)
+                frontier = reach.nonzero().flatten()
+                label[frontier] = len(groups)
+                members += frontier.tolist()
+            groups.append(sorted(members))
+    elif linkage == "complete":
+        groups = [[i] for i in range(len(idx))]
+        cd = d.clone()
+        cd.fill_diagonal_(float("inf"))
+        alive = torch.ones(len(idx), dtype=torch.bool)
+        while True:
+            masked = torch.where(alive[:, None] & alive[None, :], cd, torch.tensor(float("inf"), dtype=cd.dtype))
+            flat = int(masked.argmin())
+            i, j = divmod(flat, len(idx))
+            if not masked[i, j] <= threshold:
+                break
+            groups[i] += groups[j]
+            groups[j] = []
+            alive[j] = False
+            cd[i] = torch.maximum(cd[i], cd[j])  # complete linkage: the farthest pair
+            cd[:, i] = cd[i]
+            cd[i, i] = float("inf")
+    else:
+        raise ValueError(f"linkage must be 'components' or 'complete', got {linkage!r}")
+    return [sorted(idx[i] for i in g) for g in groups if len(g) >= 2]
+
+
+def worst_within(distance: Float[Tensor, "n n"], members: list[int]) -> float:
+    sub = distance[members][:, members]
+    return float(torch.maximum(sub, sub.T).max())
+
+
+# -- results -----------------------------------------------------------------------------------
+
+@dataclass
+class HeadBlock:
+    layer: int
+    heads: list[int]
+    worst_distance: float  # largest within-block value of the chosen metric
+    value_ranks: list[int]  # rank of each head's W_V (d_head when assumed full rank)
+    freedoms: int  # Σ_{pairs} 2·r_h·r_h'
+
+
+@dataclass
+class SynchronizedHeads:
+    threshold: float
+    metric: str
+    linkage: str
+    meaning: str
+    rank_source: str
+    blocks: list[HeadBlock] = field(default_factory=list)
+    freedoms_per_layer: dict[int, int] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def total_freedoms(self) -> int:
+        return sum(self.freedoms_per_layer.values())
+
+    def blocks_in(self, layer: int) -> list[HeadBlock]:
+        return [b for b in self.blocks if b.layer == layer]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["freedoms_per_layer"] = {str(k): v for k, v in self.freedoms_per_layer.items()}
+        out["total_freedoms"] = self.total_freedoms
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SynchronizedHeads":
+        data = dict(data)
+        data.pop("total_freedoms", None)
+        data["blocks"] = [HeadBlock(**b) for b in data.get("blocks", [])]
+        data["freedoms_per_layer"] = {int(k): v for k, v in data.get("freedoms_per_layer", {}).items()}
+        return cls(**data)
+
+
+_MEANINGS = {
+    "tv": "mean total-variation distance ½Σ_k|A_h−A_h'| between the heads' attention rows, in [0, 1] "
+          "(fraction of attention mass placed differently); pairs at or below the threshold are synchronized",
+    "squared": "mean squared distance E‖A_h−A_h'‖² between attention rows, in [0, 2]; pairs at or below "
+               "the threshold are synchronized",
+}
+
+
+def _d_head(stats: Any, model: torch.nn.Module | None) -> int:
+    if model is not None:
+        return int(model.cfg.d_head)
+    cfg = stats.meta.get("model", {}).get("cfg", {})
+    if "d_head" not in cfg:
+        raise ValueError("d_head is unknown: pass model= (the stats' metadata does not record it)")
+    return int(cfg["d_head"])
+
+
+def value_ranks(model: torch.nn.Module, layer: int, rtol: float = 1e-8) -> list[int]:
+    """Rank of each head's ``W_V`` (``[d_model, d_head]``), singular values relative to the largest."""
+    W_V = model.blocks[layer].attn.W_V.detach().to(torch.float64)
+    return [int(torch.linalg.matrix_rank(w, rtol=rtol)) for w in W_V]
+
+
+def synchronized_heads(
+    stats: Any,
+    threshold: float = 0.05,
+    model: torch.nn.Module | None = None,
+    *,
+    metric: Metric = "tv",
+    linkage: Linkage = "components",
+    layers: Iterable[int] | None = None,
+    rank_rtol: float = 1e-8,
+) -> SynchronizedHeads:
+    """Blocks of mutually synchronized heads per layer and the free directions they add.
+
+    Args:
+        threshold: largest ``metric`` value at which two heads count as synchronized
+            (default 0.05: on average at most 5% of the attention mass placed differently).
+        model: when given, each head's ``W_V`` rank adjusts the count
+            (``2·r_h·r_h'`` per pair); otherwise ``W_V`` is assumed full rank (``2·d_head²``).
+        metric: ``"tv"`` (mean total variation, in [0,1]) or ``"squared"`` (``D_hh'``).
+        linkage: ``"components"`` or ``"complete"`` (see ``blocks_below``).
+    """
+    if metric not in _MEANINGS:
+        raise ValueError(f"metric must be 'tv' or 'squared', got {metric!r}")
+    chosen = _head_sync_layers(stats) if layers is None else [int(l) for l in layers]
+    if not chosen:
+        raise KeyError("no head-synchronisation statistics: collect with head_sync=True")
+    d_head = _d_head(stats, model)
+    result = SynchronizedHeads(
+        threshold=float(threshold), metric=metric, linkage=linkage, meaning=_MEANINGS[metric],
+        rank_source=(f"rank of each head's W_V from the model (singular values > {rank_rtol:g}·largest)"
+                     if model is not None else f"W_V assumed full rank (d_head = {d_head}); pass model= to rank-adjust"),
+        layers=chosen,
+    )
+    for layer in chosen:
+        mats = head_sync_matrices(stats, layer)
+        dist = mats["tv" if metric == "tv" else "distance"]
+        ranks = value_ranks(model, layer, rank_rtol) if model is not None else [d_head] * dist.shape[0]
+        total = 0
+        for heads in blocks_below(dist, threshold, linkage):
+            r = [ranks[h] for h in heads]
+            # GL(Σr) mixing minus the generic Π GL(r_h): (Σr)² − Σr² = 2 Σ_{pairs} r r'.
+            freedoms = sum(r) ** 2 - sum(x * x for x in r)
+            result.blocks.append(HeadBlock(layer, heads, worst_within(dist, heads), r, freedoms))
+            total += freedoms
+        result.freedoms_per_layer[layer] = total
+    return result
