@@ -184,6 +184,9 @@ class InteractionBasis:
                 raise ValueError("no hook has both activation and Jacobian statistics: collect with jacobians=True")
         layers = {}
         for hook in hooks:
+            if needs_m and hook not in stats.jacobian_hooks:
+                raise ValueError(f"scaling={scaling!r} needs the Jacobian Gram at {hook!r}: collect with "
+                                 "jacobians=True, or use scaling='pca'")
             G = stats.covariance(hook) if center else stats.gram(hook)
             M = stats.jacobian_gram(hook) if needs_m else None
             layers[hook] = fit_layer(hook, G, M, stats.mean(hook), center=center, rtol=rtol, atol=atol,

@@ -1,0 +1,158 @@
+"""The interaction basis against closed forms (MATH.md §5): deep linear networks, invariance,
+estimator vs exact, and the trained modular-addition net."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import tl_degeneracy as tld
+from deep_linear import DeepLinear
+from tl_degeneracy.interaction_basis import InteractionBasis, fit_layer
+from tl_degeneracy.toy_models import tiny_model
+
+pytestmark = pytest.mark.models
+
+TOKENS = torch.randint(0, 11, (64, 4), generator=torch.Generator().manual_seed(0))
+DL_HOOKS = ["hook_0", "hooks_after.0", "hooks_after.1"]
+
+
+def _pca_coords(z: torch.Tensor, center: bool) -> torch.Tensor:
+    z = z - z.mean(0) if center else z
+    values, vectors = torch.linalg.eigh(z.T @ z / z.shape[0])
+    order = values.argsort(descending=True)
+    return z @ vectors[:, order], values[order]
+
+
+def _match_up_to_sign(a: torch.Tensor, b: torch.Tensor) -> float:
+    signs = torch.sign((a * b).sum(0))
+    return float((a * signs - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_deep_linear_coordinates_are_output_pca(center):
+    # Uncentered, the claim needs z = A f exactly (no biases); centered, affine maps are fine.
+    model = DeepLinear(bias=center)
+    stats = tld.collect(model, TOKENS, DL_HOOKS, jacobians=True, exact=True, batch_size=16, progress=False)
+    basis = InteractionBasis.fit(stats, center=center)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+        z = model(TOKENS).reshape(-1, 5)
+    z_pca, z_var = _pca_coords(z, center)
+    for hook in DL_HOOKS:
+        layer = basis[hook]
+        assert layer.k == 5  # rank of the output map
+        f_hat = layer.transform(cache[hook].reshape(-1, 8))
+        assert _match_up_to_sign(f_hat, z_pca) < 1e-8, hook
+        # E[f̂ f̂ᵀ] = Λ = the output's principal variances
+        assert torch.allclose(layer.eigenvalues, z_var, rtol=1e-8)
+
+
+def test_deep_linear_probe_estimate_converges_to_exact():
+    model = DeepLinear()
+    exact = tld.collect(model, TOKENS, "hook_0", jacobians=True, exact=True, progress=False).jacobian_gram("hook_0")
+    errors = {}
+    for s in (1, 16):
+        est = tld.collect(model, TOKENS, "hook_0", jacobians=True, n_probes=s, seed=3, probe="gaussian",
+                          progress=False).jacobian_gram("hook_0")
+        errors[s] = float((est - exact).norm() / exact.norm())
+    assert errors[16] < errors[1]
+
+
+def _reparametrise(model: DeepLinear, R: torch.Tensor) -> DeepLinear:
+    """f → R f at hooks_after.0, next weight → W R⁻¹: the same function."""
+    other = DeepLinear(nonlinear=model.nonlinear, d_out=model.out.out_features)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.linears[0].weight.copy_(R @ model.linears[0].weight)
+        other.linears[0].bias.copy_(R @ model.linears[0].bias)
+        other.linears[1].weight.copy_(model.linears[1].weight @ torch.linalg.inv(R))
+    return other
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), log_scales=st.lists(st.floats(-1.0, 1.0), min_size=8, max_size=8))
+def test_invariance_under_invertible_reparametrisation(seed, log_scales):
+    g = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    R = q1 @ torch.diag(torch.tensor(log_scales, dtype=torch.float64).exp()) @ q2
+    model = DeepLinear(nonlinear=True, d_out=8)
+    other = _reparametrise(model, R)
+    hook = "hooks_after.0"
+    coords = []
+    for m in (model, other):
+        stats = tld.collect(m, TOKENS, hook, jacobians=True, exact=True, batch_size=32, progress=False)
+        basis = InteractionBasis.fit(stats)
+        _, cache = m.run_with_cache(TOKENS)
+        coords.append(basis[hook].transform(cache[hook].reshape(-1, 8)))
+    assert coords[0].shape == coords[1].shape
+    assert _match_up_to_sign(coords[1], coords[0]) < 1e-6
+
+
+def test_pca_and_identity_bases_and_reconstruction():
+    model = DeepLinear()
+    stats = tld.collect(model, TOKENS, DL_HOOKS, progress=False)
+    pca = InteractionBasis.fit(stats, scaling="pca")
+    _, cache = model.run_with_cache(TOKENS)
+    f = cache["hook_0"].reshape(-1, 8)
+    layer = pca["hook_0"]
+    assert torch.allclose(layer.inverse(layer.transform(f)), f, atol=1e-10)  # full rank: exact round trip
+    assert torch.allclose(layer.eigenvalues, torch.linalg.eigvalsh(stats.covariance("hook_0")).flip(0), rtol=1e-8)
+    ident = InteractionBasis.fit(stats, scaling="identity")
+    assert torch.allclose(ident["hook_0"].transform(f), f - stats.mean("hook_0"))
+    with pytest.raises(ValueError, match="jacobians=True"):
+        InteractionBasis.fit(stats, hooks=["hook_0"])
+
+
+def test_lib_and_paper_scalings_span_the_same_directions():
+    model = DeepLinear()
+    stats = tld.collect(model, TOKENS, "hook_0", jacobians=True, exact=True, progress=False)
+    lib, paper = (InteractionBasis.fit(stats, scaling=s)["hook_0"] for s in ("lib", "paper"))
+    # paper = Λ^{-1} lib, row by row
+    assert torch.allclose(paper.C * lib.eigenvalues[:, None], lib.C, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(lib.C @ lib.C_pinv, torch.eye(lib.k, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(paper.C @ paper.C_pinv, torch.eye(paper.k, dtype=torch.float64), atol=1e-10)
+
+
+def test_planted_null_directions_are_dropped_with_threshold_reported():
+    # G of rank 3 in 5 dims: the basis has 3 directions and says what threshold it used.
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    G = A @ A.T
+    layer = fit_layer("h", G, torch.eye(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), rtol=1e-10)
+    assert layer.k == 3
+    assert 0 < layer.thresholds["activation"] < 1e-8
+
+
+def test_basis_save_load_roundtrip(tmp_path):
+    model = DeepLinear()
+    stats = tld.collect(model, TOKENS, DL_HOOKS, jacobians=True, exact=True, progress=False)
+    basis = InteractionBasis.fit(stats)
+    basis.save(tmp_path / "b.safetensors")
+    back = InteractionBasis.load(tmp_path / "b.safetensors")
+    assert back.hooks == basis.hooks
+    assert back.meta["jacobians"]["exact"] is True and back.meta["n_tokens"] == TOKENS.numel()
+    for hook in DL_HOOKS:
+        assert torch.equal(back[hook].C, basis[hook].C) and back[hook].thresholds == basis[hook].thresholds
+    with pytest.raises(ValueError, match="not a tl_degeneracy file"):
+        stats.save(tmp_path / "s.safetensors")
+        InteractionBasis.load(tmp_path / "s.safetensors")
+
+
+def test_probe_error_falls_like_inverse_sqrt_budget(tiny):
+    """Relative Frobenius error of the probe estimate of M vs the exact mode ~ 1/sqrt(n_tokens · S)."""
+    tokens = torch.randint(0, 23, (192, 12), generator=torch.Generator().manual_seed(5))
+    hook = "blocks.0.hook_resid_pre"
+    kwargs = dict(jacobians=True, output_positions=[-1], batch_size=192, progress=False)
+    exact = {n: tld.collect(tiny, tokens[:n], hook, exact=True, **kwargs).jacobian_gram(hook) for n in (48, 192)}
+
+    def error(n: int, s: int) -> float:
+        runs = [tld.collect(tiny, tokens[:n], hook, n_probes=s, seed=seed, **kwargs).jacobian_gram(hook)
+                for seed in range(2)]
+        return sum(float((r - exact[n]).norm() / exact[n].norm()) for r in runs) / len(runs)
+
+    e = {(n, s): error(n, s) for n, s in ((48, 1), (48, 4), (48, 16), (192, 4), (192, 64))}
+    # 4× the probes or 4× the tokens should halve the error; allow estimator noise.
+    assert 0.3 < e[48, 4] / e[48, 1] < 0.75, e
+    assert 0.3 < e[48, 16] / e[48, 4] < 0.75, e
+    assert 0.3 < e[192, 4] / e[48, 4] < 0.75, e
+    assert e[192, 64] < 0.05, e  # the stated budget: 192 sequences (last-position output) × 64 probes
