@@ -55,3 +55,28 @@ def test_modadd_statistics_agree_across_generations(modadd_dir):
                         "blocks.0.mlp.hook_post"], jacobians=True, n_probes=3, output_positions=[-1],
                         batch_size=64, progress=False)
     _compare_or_skip("modadd", stats)
+
+
+def test_edits_at_resid_mid_reach_the_skip_path_on_both_generations():
+    """On the bridge hook_resid_mid is ln2.hook_in; the splice carries edits to the skip path too,
+    so an edit there changes the logits exactly as on a HookedTransformer."""
+    from tl_degeneracy.interaction_basis import InteractionBasis
+    from tl_degeneracy.splice import splice
+
+    model = tiny_model(seed=0)
+    tokens = torch.randint(0, 23, (16, 12), generator=torch.Generator().manual_seed(2))
+    hook = "blocks.1.hook_resid_mid"
+    stats = tld.collect(model, tokens, hook, jacobians=True, n_probes=2, progress=False)
+    basis = InteractionBasis.fit(stats)
+
+    def zero_top(f_hat, hook):
+        f_hat[..., :2] = 0.0
+        return f_hat
+
+    with splice(model, basis):
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"{hook}.hook_ib", zero_top)]).detach()
+    from tl_degeneracy.accumulators import GramAccumulator
+
+    as_stats = tld.Stats({("activations", "edited_logits"): GramAccumulator.from_batch(edited.reshape(-1, 23))},
+                         {"hooks": ["edited_logits"], "n_tokens": 0, "model": stats.meta["model"]})
+    _compare_or_skip("edited_resid_mid", as_stats)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from .generations import describe_model
 from .interaction_basis import InteractionBasis, LayerBasis
 
 
@@ -47,6 +49,9 @@ class BasisSplice(nn.Module):
     def forward(self, f: Tensor) -> Tensor:
         shape = f.shape
         flat = f.reshape(*shape[:2], -1)
+        if flat.shape[-1] != self.C.shape[1]:
+            raise ValueError(f"the spliced basis expects activations of dimension {self.C.shape[1]}, the hook "
+                             f"gives {flat.shape[-1]}: was the basis fitted on another model?")
         C, C_pinv, mean = self.C.to(flat.dtype), self.C_pinv.to(flat.dtype), self.mean.to(flat.dtype)
         centered = flat - mean
         coords = centered @ C.T
@@ -122,9 +127,27 @@ class _Spliced:
             del target._modules["ib_splice"]
 
 
+def check_basis_fits(model: nn.Module, basis: InteractionBasis) -> None:
+    """Refuse a basis fitted on a model of another shape; warn if only the weights differ."""
+    fitted = (basis.meta.get("model") or {}).get("cfg", {})
+    current = describe_model(model)
+    now = current["cfg"]
+    shape_keys = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
+    differ = [f"{k}: basis {fitted[k]!r} vs model {now.get(k)!r}" for k in shape_keys
+              if k in fitted and fitted[k] != now.get(k)]
+    if differ:
+        raise ValueError("this basis was fitted on a different model (" + "; ".join(differ) + ")")
+    fitted_sha = (basis.meta.get("model") or {}).get("weights_sha256")
+    if fitted_sha and fitted_sha != current["weights_sha256"]:
+        warnings.warn("the basis was fitted on a model with other weights (same shapes); splicing anyway",
+                      stacklevel=3)
+
+
 def splice_into(model: nn.Module, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
                 error_term: bool = True) -> list[_Spliced]:
     """Permanently splice ``basis`` into ``model`` (undo with ``unsplice(model)``)."""
+    if isinstance(basis, InteractionBasis):
+        check_basis_fits(model, basis)
     layers = [basis] if isinstance(basis, LayerBasis) else [basis[h] for h in (hooks or basis.hooks)]
     existing = getattr(model, "_tl_degeneracy_splices", [])
     taken = {s.hook for s in existing}
