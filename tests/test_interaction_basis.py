@@ -156,3 +156,19 @@ def test_probe_error_falls_like_inverse_sqrt_budget(tiny):
     assert 0.3 < e[48, 16] / e[48, 4] < 0.75, e
     assert 0.3 < e[192, 4] / e[48, 4] < 0.75, e
     assert e[192, 64] < 0.05, e  # the stated budget: 192 sequences (last-position output) × 64 probes
+
+
+def test_local_basis_equals_global_in_a_deep_linear_network():
+    """With everything linear, Jacobians to the next layer's f̂ carry the same M as to the output
+    (Aᵀ A = C_{l+1}ᵀ C_{l+1} on the data's span), so local and global bases agree up to sign."""
+    model = DeepLinear(bias=True)
+    stats = tld.collect(model, TOKENS, DL_HOOKS, jacobians=True, exact=True, batch_size=16, progress=False)
+    global_basis = InteractionBasis.fit(stats)
+    local = InteractionBasis.fit_local(model, TOKENS, DL_HOOKS, exact=True, batch_size=16)
+    assert local.hooks == DL_HOOKS and local.meta["local"] is True
+    _, cache = model.run_with_cache(TOKENS)
+    for hook in DL_HOOKS:
+        f = cache[hook].reshape(-1, 8)
+        a, b = local[hook].transform(f), global_basis[hook].transform(f)
+        assert a.shape == b.shape
+        assert _match_up_to_sign(a, b) < 1e-8, hook

@@ -33,6 +33,7 @@ class JacobianSettings:
     behavioral_loss: BehavioralLoss = "mse"
     probe: ProbeKind = "rademacher"
     seed: int = 0
+    output_transform: Callable[[Tensor], Tensor] | None = None  # applied to a hook output (local bases)
 
     @property
     def exact(self) -> bool:
@@ -43,7 +44,8 @@ class JacobianSettings:
         positions = self.output_positions
         return {"n_probes": self.n_probes, "exact": self.exact, "output": out,
                 "output_positions": positions if positions is None or isinstance(positions, (int, list, tuple)) else "mask",
-                "behavioral_loss": self.behavioral_loss, "probe": self.probe, "seed": self.seed}
+                "behavioral_loss": self.behavioral_loss, "probe": self.probe, "seed": self.seed,
+                "output_transform": None if self.output_transform is None else "local interaction basis"}
 
 
 # Per-batch observers beyond Grams (head / neuron synchronisation) plug in here: each gets
@@ -159,6 +161,8 @@ def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSe
         z = logits
     else:
         z = captured[settings.output]
+        if settings.output_transform is not None:
+            z = settings.output_transform(_flat(z))
     if settings.output_positions is not None and not callable(settings.output):
         pos_mask = position_mask(settings.output_positions, z.shape[0], z.shape[1], device=z.device)
         z = z[:, pos_mask[0]]

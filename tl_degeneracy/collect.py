@@ -64,6 +64,7 @@ def collect(
     exact: bool = False,
     output: OutputSpec = "logits",
     output_positions: PositionSpec = None,
+    output_transform: Callable | None = None,
     behavioral_loss: BehavioralLoss = "mse",
     probe: ProbeKind = "rademacher",
     seed: int = 0,
@@ -88,6 +89,8 @@ def collect(
             component instead (the reference the estimator is tested against).
         output: ``"logits"``, a hook name (local analysis) or a callable on the logits.
         output_positions: positions of the output to keep (e.g. ``[-1]``).
+        output_transform: with ``output`` a hook name, a map applied to that hook's
+            ``[batch, pos, d]`` activation first (``InteractionBasis.fit_local`` uses it).
         behavioral_loss: ``"mse"`` (paper default) or ``"kl"`` (softmax output Hessian).
         checkpoint: file to write the running sums to every ``checkpoint_every`` batches,
             on Ctrl-C and at the end (atomically). With ``resume=True`` an existing
@@ -111,7 +114,7 @@ def collect(
             exact = True
         jac_settings = JacobianSettings(
             n_probes=None if exact else int(n_probes), output=output, output_positions=output_positions,
-            behavioral_loss=behavioral_loss, probe=probe, seed=seed,
+            behavioral_loss=behavioral_loss, probe=probe, seed=seed, output_transform=output_transform,
         )
     plan = BatchPlan(hooks=names, positions=positions, jacobians=jac_settings)
     options: dict[str, Any] = {}

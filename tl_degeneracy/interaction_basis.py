@@ -197,6 +197,47 @@ class InteractionBasis:
                 "scaling": scaling, "center": center, "rtol": rtol, "atol": atol}
         return cls(layers, meta)
 
+    @classmethod
+    def fit_local(
+        cls,
+        model: torch.nn.Module,
+        data: Any,
+        hooks: Iterable[str],
+        center: bool = True,
+        rtol: float = 1e-8,
+        scaling: Scaling = "lib",
+        **collect_kwargs: Any,
+    ) -> "InteractionBasis":
+        """The local variant (LIB paper, arXiv 2405.10928): the basis at each hook is fitted
+        from Jacobians to the *next* hook's interaction-basis coordinates, the last hook's
+        from Jacobians to the model output, working from the last hook backwards. ``hooks``
+        are in forward order; one pass over ``data`` per hook. ``collect_kwargs`` go to
+        ``collect`` (``n_probes``/``exact``, ``positions``, ``batch_size``, ...); the last hook
+        uses ``output``/``output_positions`` from them, the others their successor's basis.
+        """
+        from .collect import collect
+
+        hooks = list(hooks)
+        final_output = collect_kwargs.pop("output", "logits")
+        final_positions = collect_kwargs.pop("output_positions", None)
+        collect_kwargs.setdefault("progress", False)
+        layers: dict[str, LayerBasis] = {}
+        output, transform, positions = final_output, None, final_positions
+        stats = None
+        for hook in reversed(hooks):
+            stats = collect(model, data, hook, jacobians=True, output=output, output_transform=transform,
+                            output_positions=positions, **collect_kwargs)
+            G = stats.covariance(hook) if center else stats.gram(hook)
+            layer = fit_layer(hook, G, stats.jacobian_gram(hook), stats.mean(hook), center=center, rtol=rtol,
+                              scaling=scaling, n_datapoints=stats.n_datapoints(hook))
+            layers[hook] = layer
+            output, transform, positions = hook, layer.transform, collect_kwargs.get("positions")
+        assert stats is not None
+        meta = {"model": stats.meta.get("model"), "n_tokens": stats.n_tokens, "jacobians": stats.meta.get("jacobians"),
+                "positions": stats.meta.get("positions"), "scaling": scaling, "center": center, "rtol": rtol,
+                "atol": None, "local": True}
+        return cls({h: layers[h] for h in hooks}, meta)
+
     def transform(self, hook: str, f: Tensor) -> Tensor:
         return self[hook].transform(f)
 
