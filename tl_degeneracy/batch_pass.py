@@ -5,6 +5,7 @@ out finite, so a bad batch never corrupts what was accumulated before it.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -81,7 +82,7 @@ def _flat(act: Tensor) -> Tensor:
 def _stop_layer(model: torch.nn.Module, names: list[str]) -> int | None:
     """Run only the blocks the hooks need (skips ln_final and the unembedding)."""
     layers = [layer_of(n) for n in names]
-    if any(layer is None for layer in layers):
+    if any(layer is None for layer in layers) or "stop_at_layer" not in inspect.signature(model.forward).parameters:
         return None
     return max(layers) + 1  # type: ignore[type-var]
 
