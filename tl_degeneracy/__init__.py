@@ -17,3 +17,6 @@ __all__ = [
     "collect", "EmptyDataError", "UnknownHookError", "resolve_hooks", "Stats",
 ]
 __version__ = "0.1.0"
+from .head_sync import HeadSyncAccumulator, head_sync_matrices, synchronized_heads  # noqa: E402  (registers head_sync=True)
+from .neuron_sync import NeuronSyncAccumulator, neuron_sync_matrices, synchronized_neurons  # noqa: E402  (registers neuron_sync=True)
+from .degeneracy_report import DegeneracyReport, degeneracy_hooks, degeneracy_report  # noqa: E402

@@ -30,9 +30,9 @@ HEAD_SYNC = "head_sync"
 Metric = Literal["tv", "squared"]
 Linkage = Literal["components", "complete"]
 
-# float64 elements per chunk of attention rows (≈ 32 MB): bounds the extra memory beyond
+# float64 elements per chunk of attention rows (8 MB): bounds the extra memory beyond
 # the batch of patterns the forward pass already holds.
-_CHUNK_ELEMENTS = 2**22
+_CHUNK_ELEMENTS = 2**20
 
 
 def pattern_hook(layer: int) -> str:
@@ -88,7 +88,10 @@ def head_sync_observer(model: torch.nn.Module, options: dict[str, Any]) -> Obser
     """Observer for ``collect(..., head_sync=True)`` (or ``head_sync=[layers]``)."""
     value = options.get("value", True)
     n_layers = int(model.cfg.n_layers)
-    layers = list(range(n_layers)) if value is True else [int(l) for l in value]
+    if value is True:
+        layers = list(range(n_layers))
+    else:
+        layers = [int(value)] if isinstance(value, int) else [int(l) for l in value]
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise ValueError(f"head_sync layers {bad} do not exist (the model has {n_layers} layers)")
