@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,14 @@ def load_text_dataset(spec: str | None) -> Any:
         if builder is None:
             raise SystemExit(f"cannot read {files[0]}: use a .txt, .json(l), .parquet or .csv file")
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    from .generations import hub_reachable
+
+    if os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("1", "true") and not hub_reachable():
+        raise SystemExit(
+            f"cannot load dataset {spec!r}: it is not a local path and the Hugging Face hub (huggingface.co) is "
+            "not reachable. Pass a local text/JSON/parquet file or folder, or omit --dataset for the embedded "
+            "default text."
+        )
     try:
         return datasets.load_dataset(spec, split="train", streaming=True)
     except Exception as exc:  # the hub raises many kinds; all mean "not here"

@@ -133,6 +133,34 @@ class HubUnavailableError(RuntimeError):
     """Raised when a model name needs the Hugging Face hub and the hub cannot be reached."""
 
 
+HUB_OFFLINE_ADVICE = (
+    "Offline alternatives: omit the model to use the embedded default model, pass a local "
+    "Hugging Face model folder, or set HF_HUB_OFFLINE=1 with the model already in the HF cache."
+)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the Hugging Face hub? (Fails fast instead of retrying for minutes.)"""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _needs_hub(name: str) -> bool:
+    import os
+    from pathlib import Path
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return not Path(name).exists() and not offline
+
+
 def load_pretrained(
     name: str,
     dtype: torch.dtype = torch.float32,
@@ -145,6 +173,9 @@ def load_pretrained(
     followed by ``enable_compatibility_mode()``, which applies the same processing.
     ``name`` may also be a local Hugging Face model folder.
     """
+    if _needs_hub(name) and not hub_reachable():
+        raise HubUnavailableError(f"cannot load {name!r}: the Hugging Face hub (huggingface.co) is not reachable "
+                                  f"from this machine. {HUB_OFFLINE_ADVICE}")
     try:
         if installed_generation() == 3:
             from transformer_lens import HookedTransformer
@@ -157,9 +188,8 @@ def load_pretrained(
             model.enable_compatibility_mode(disable_warnings=True)
     except (OSError, ConnectionError) as exc:  # hub errors surface as OSError subclasses
         raise HubUnavailableError(
-            f"could not load {name!r}: the Hugging Face hub is not reachable from here ({type(exc).__name__}). "
-            "Offline alternatives: omit the model to use the embedded default model, pass a local "
-            "Hugging Face model folder, or set HF_HUB_OFFLINE=1 with the model already in the HF cache."
+            f"could not load {name!r} ({type(exc).__name__}: {exc}). If it comes from the Hugging Face hub, "
+            f"the hub may be unreachable. {HUB_OFFLINE_ADVICE}"
         ) from exc
     model.eval()
     return model

@@ -123,6 +123,18 @@ class Stats:
             )
         return self._gram(hook, JACOBIANS).gram
 
+    def head_sync(self, layer: int) -> dict:
+        """Head-synchronisation matrices of one layer (``collect(..., head_sync=True)``)."""
+        from .head_sync import head_sync_matrices
+
+        return head_sync_matrices(self, layer)
+
+    def neuron_sync(self, layer: int) -> dict:
+        """Neuron-synchronisation sums of one MLP layer (``collect(..., neuron_sync=True)``)."""
+        from .neuron_sync import neuron_sync_matrices
+
+        return neuron_sync_matrices(self, layer)
+
     # -- algebra ---------------------------------------------------------------------------------
     def merge(self, other: "Stats") -> "Stats":
         """Stats over the union of both runs' data (sums add; metadata must agree)."""
