@@ -17,6 +17,12 @@ make_env() {  # make_env DIR EXTRA_PIP_SPEC...
   "$dir/bin/python" -c "import tl_degeneracy, transformer_lens" >/dev/null
 }
 
+# Debian's Chromium renders report.html for the screenshot test (best effort: skipped without it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+    || echo "note: could not install chromium; the report screenshot test will be skipped"
+fi
+
 make_env .venv-tl3 "transformer-lens==3.9.0"
 make_env .venv
 export TL_DEGENERACY_XGEN_DIR="$(mktemp -d)"

@@ -63,6 +63,11 @@ class BatchPlan:
     positions: PositionSpec = None
     jacobians: JacobianSettings | None = None
     observers: list[Observer] = field(default_factory=list)
+    jacobian_hooks: list[str] | None = None  # where M is accumulated (default: every hook)
+
+    @property
+    def m_hooks(self) -> list[str]:
+        return self.hooks if self.jacobian_hooks is None else self.jacobian_hooks
 
 
 def _check_finite(acc: GramAccumulator, what: str, hook: str, batch_index: int) -> None:
@@ -211,11 +216,11 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
             gen = batch_generator(settings.seed, batch_index, z.device)
             probes = random_probes(z, settings.n_probes, settings.probe, gen, probs)
             weight = 1.0 / settings.n_probes
-        inputs = [captured[n] for n in plan.hooks]
+        inputs = [captured[n] for n in plan.m_hooks]
         jac: dict[str, GramAccumulator] = {}
         for v in probes:
             grads = torch.autograd.grad(z, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
-            for name, g in zip(plan.hooks, grads):
+            for name, g in zip(plan.m_hooks, grads):
                 if g is None:
                     raise RuntimeError(
                         f"the output does not depend on hook point {name!r} (no gradient reaches it); "

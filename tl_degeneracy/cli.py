@@ -1,7 +1,8 @@
 """``tl-degeneracy``: the command line.
 
     tl-degeneracy analyze [MODEL] [--dataset NAME_OR_PATH] [--tokens N] [--out DIR] [--resume] ...
-    tl-degeneracy heads DIR
+    tl-degeneracy report DIR
+    tl-degeneracy heads DIR [--threshold T]
 
 MODEL is a TransformerLens model name (``gpt2``), a local Hugging Face model folder, or
 omitted for the embedded default model; the dataset is a ``datasets`` name (streamed), a
@@ -10,10 +11,8 @@ local text/JSON/parquet file or folder, or omitted for the embedded default text
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,69 +67,88 @@ def load_text_dataset(spec: str | None) -> Any:
         ) from None
 
 
-def _analysis_hooks(model: torch.nn.Module, requested: Sequence[str] | None) -> list[str]:
-    from .hook_names import resolve_hooks
-
-    if requested:
-        return resolve_hooks(model, list(requested))
-    n_layers = model.cfg.n_layers
-    return resolve_hooks(model, [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)]
-                         + [f"blocks.{n_layers - 1}.hook_resid_post"])
-
-
 def analyze(args: argparse.Namespace) -> int:
-    from .collect import OBSERVER_FACTORIES, collect
+    from .analysis import analyze as run_analysis
     from .generations import HubUnavailableError
-    from .interaction_basis import InteractionBasis
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         model = load_model(args.model, DTYPES[args.dtype], args.device)
     except HubUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data = load_text_dataset(args.dataset)
-    hooks = _analysis_hooks(model, args.hooks)
-    observers = {name: True for name in ("head_sync", "neuron_sync") if name in OBSERVER_FACTORIES}
-    start = time.time()
-    stats = collect(model, data, hooks, batch_size=args.batch_size, context=args.context, max_tokens=args.tokens,
-                    jacobians=True, n_probes=args.probes, checkpoint=out / "checkpoint.safetensors",
-                    resume=args.resume, checkpoint_every=10, **observers)
-    stats.save(out / "stats.safetensors")
-    basis = InteractionBasis.fit(stats, rtol=args.rtol)
-    basis.save(out / "basis.safetensors")
-    pca = InteractionBasis.fit(stats, scaling="pca", rtol=args.rtol)
-    summary = {
-        "model": stats.meta["model"], "n_tokens": stats.n_tokens, "seconds": round(time.time() - start, 1),
-        "rtol": args.rtol, "n_probes": args.probes,
-        "hooks": {h: {"d": basis[h].d, "ib_kept": basis[h].k, "pca_kept": pca[h].k,
-                      "ib_dirs_99": basis[h].n_directions_for(0.99), "pca_dirs_99": pca[h].n_directions_for(0.99),
-                      "top_lambda": basis[h].eigenvalues[:5].tolist(), "thresholds": basis[h].thresholds}
-                  for h in basis.hooks},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{stats.n_tokens} tokens through {summary['model']['class']} "
-          f"({summary['model']['cfg'].get('model_name', '')}) in {summary['seconds']} s; "
-          f"thresholds: eigenvalues below rtol={args.rtol} x the largest count as zero")
+    report = run_analysis(model, data, args.out, hooks=args.hooks, max_tokens=args.tokens, batch_size=args.batch_size,
+                          context=args.context, n_probes=args.probes, rtol=args.rtol, resume=args.resume)
+    print_summary(report)
+    print(f"\nwrote {args.out}/: stats.safetensors, basis.safetensors, report.json, plots/, report.html")
+    return 0
+
+
+def print_summary(report: Any) -> None:
+    cfg = report.model.get("cfg", {})
+    print(f"\n{report.n_tokens} tokens through {report.model.get('class')} ({cfg.get('model_name', '')}) in "
+          f"{report.seconds} s; eigenvalues below rtol={report.rtol:g} x the largest count as zero")
     print(f"{'hook':32s} {'d':>5s} {'IB kept':>8s} {'IB 99%':>7s} {'PCA 99%':>8s}  top Λ")
-    for h, row in summary["hooks"].items():
-        top = ", ".join(f"{v:.3g}" for v in row["top_lambda"][:3])
-        print(f"{h:32s} {row['d']:5d} {row['ib_kept']:8d} {row['ib_dirs_99']:7d} {row['pca_dirs_99']:8d}  {top}")
-    print(f"\nwrote {out}/stats.safetensors, basis.safetensors, summary.json")
+    for hook, s in report.spectra.items():
+        top = ", ".join(f"{v:.3g}" for v in s.top_lambda[:3])
+        print(f"{hook:32s} {s.d:5d} {s.ib_kept:8d} {s.ib_dirs_99:7d} {s.pca_dirs_99:8d}  {top}")
+    print()
+    print(report.degeneracy.summary())
+    if report.synchronized_heads is not None:
+        print()
+        print_heads(report.synchronized_heads)
+
+
+def print_heads(heads: Any) -> None:
+    print(f"synchronized heads (threshold {heads.threshold:g}, metric {heads.metric}: {heads.meaning})")
+    print(f"{'layer':>5s}  {'heads':24s} {'worst':>8s} {'freedoms':>9s}")
+    shown = False
+    for block in heads.blocks:
+        if len(block.heads) > 1:
+            shown = True
+            print(f"{block.layer:5d}  {','.join(map(str, block.heads)):24s} {block.worst_distance:8.3g} "
+                  f"{block.freedoms:9d}")
+    if not shown:
+        print("  no synchronized pair at this threshold")
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    from .analysis import AnalysisReport, render
+
+    path = render(args.dir)
+    print_summary(AnalysisReport.load(Path(args.dir) / "report.json"))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def heads_cmd(args: argparse.Namespace) -> int:
+    from .analysis import AnalysisReport
+
+    report = AnalysisReport.load(Path(args.dir) / "report.json")
+    if report.synchronized_heads is None:
+        print("this analysis has no head-synchronisation statistics", file=sys.stderr)
+        return 1
+    heads = report.synchronized_heads
+    if args.threshold is not None:
+        from .head_sync import synchronized_heads
+        from .stats import Stats
+
+        heads = synchronized_heads(Stats.load(Path(args.dir) / "stats.safetensors"), threshold=args.threshold)
+    print_heads(heads)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-degeneracy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("analyze", help="collect statistics, fit interaction bases, write the results")
+    a = sub.add_parser("analyze", help="collect statistics, fit interaction bases, write the report")
     a.add_argument("model", nargs="?", default=None, help="TL model name or local HF folder (default: embedded)")
     a.add_argument("--dataset", default=None, help="datasets name or local file/folder (default: embedded text)")
-    a.add_argument("--tokens", type=int, default=20_000, help="stop after this many tokens")
+    a.add_argument("--tokens", type=int, default=8192, help="stop after this many tokens")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--context", type=int, default=128, help="tokens per sequence")
-    a.add_argument("--hooks", nargs="*", default=None, help="hook names or globs (default: the residual stream)")
+    a.add_argument("--hooks", nargs="*", default=None,
+                   help="hook names or globs for the interaction bases (default: the residual stream)")
     a.add_argument("--probes", type=int, default=4, help="random output probes per batch for Jacobian Grams")
     a.add_argument("--rtol", type=float, default=1e-8, help="relative eigenvalue threshold")
     a.add_argument("--device", default=None)
@@ -138,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="tl_degeneracy_out")
     a.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.safetensors")
     a.set_defaults(func=analyze)
+    r = sub.add_parser("report", help="re-render plots and report.html from an analysis folder")
+    r.add_argument("dir")
+    r.set_defaults(func=report_cmd)
+    h = sub.add_parser("heads", help="print the synchronized-heads table of an analysis folder")
+    h.add_argument("dir")
+    h.add_argument("--threshold", type=float, default=None, help="recompute at another TV threshold")
+    h.set_defaults(func=heads_cmd)
     return parser
 
 

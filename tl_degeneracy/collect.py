@@ -60,6 +60,7 @@ def collect(
     context: int | None = None,
     max_tokens: int | None = None,
     jacobians: bool = False,
+    jacobian_hooks: HookSpec = None,
     n_probes: int | None = 4,
     exact: bool = False,
     output: OutputSpec = "logits",
@@ -85,6 +86,7 @@ def collect(
         positions: datapoints per sequence: None (all), e.g. ``[-1]``, or a boolean mask.
         max_tokens: stop once this many tokens were processed (last batch trimmed).
         jacobians: also accumulate Jacobian Grams ``M`` of ``output`` w.r.t. every hook.
+        jacobian_hooks: only these of ``hooks`` get ``M`` (default: all of them).
         n_probes: random probes per batch; ``exact=True`` (or None) loops over every output
             component instead (the reference the estimator is tested against).
         output: ``"logits"``, a hook name (local analysis) or a callable on the logits.
@@ -116,7 +118,13 @@ def collect(
             n_probes=None if exact else int(n_probes), output=output, output_positions=output_positions,
             behavioral_loss=behavioral_loss, probe=probe, seed=seed, output_transform=output_transform,
         )
-    plan = BatchPlan(hooks=names, positions=positions, jacobians=jac_settings)
+    m_names = None
+    if jacobians and jacobian_hooks is not None:
+        m_names = resolve_hooks(model, jacobian_hooks)
+        stray = [h for h in m_names if h not in names]
+        if stray:
+            raise ValueError(f"jacobian_hooks must be among hooks; not in hooks: {stray}")
+    plan = BatchPlan(hooks=names, positions=positions, jacobians=jac_settings, jacobian_hooks=m_names)
     options: dict[str, Any] = {}
     for key, value in observers.items():
         if key not in OBSERVER_FACTORIES:
@@ -130,7 +138,7 @@ def collect(
         "hooks": names,
         "positions": describe_positions(positions),
         "batch_size": batch_size,
-        "jacobians": None if jac_settings is None else jac_settings.describe(),
+        "jacobians": None if jac_settings is None else {**jac_settings.describe(), "hooks": plan.m_hooks},
         "observers": sorted(options),
     }
     rank, world = _dist_rank_world(distributed)

@@ -1,0 +1,93 @@
+"""A self-contained ``report.html`` (images inlined as base64): readable without Python."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .analysis import AnalysisReport
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td.l { text-align: left; font-family: monospace; }
+img { max-width: 100%; border: 1px solid #eee; margin: 4px; }
+.grid { display: flex; flex-wrap: wrap; } .grid img { width: 48%; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="l">{html.escape(str(c))}</td>' if i < left else f"<td>{html.escape(str(c))}</td>"
+                         for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html(report: "AnalysisReport", figures: dict[str, list[Path]], path: Path) -> Path:
+    m = report.model
+    cfg = m.get("cfg", {})
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tl_degeneracy report</title>"
+             f"<style>{STYLE}</style></head><body>",
+             "<h1>Degeneracy report</h1>",
+             f"<p>{html.escape(m.get('class', '?'))} <code>{html.escape(str(cfg.get('model_name', '')))}</code> "
+             f"({cfg.get('n_layers', '?')} layers, d_model {cfg.get('d_model', '?')}), TransformerLens "
+             f"{html.escape(str(m.get('transformer_lens', '?')))}; {report.n_tokens:,} tokens, "
+             f"{report.n_probes} probes per batch, {report.seconds} s. Eigenvalues below rtol = {report.rtol:g} × the "
+             f"largest count as zero (absolute thresholds in each table row).</p>"]
+
+    parts.append("<h2>Residual stream: interaction basis vs PCA</h2>")
+    rows = [[h, s.d, s.ib_kept, s.pca_kept, s.ib_dirs_99, s.pca_dirs_99,
+             ", ".join(f"{v:.3g}" for v in s.top_lambda[:4]), f"{s.thresholds.get('interaction', float('nan')):.3g}"]
+            for h, s in report.spectra.items()]
+    parts.append(_table(["hook", "d", "IB kept", "PCA kept", "IB dirs 99% ΣΛ", "PCA dirs 99% var", "top Λ",
+                         "Λ threshold"], rows))
+    parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("cumulative", []) +
+                                                figures.get("spectra", [])) + "</div>")
+
+    d = report.degeneracy
+    parts.append("<h2>Degeneracy account</h2>")
+    parts.append(f"<p class='note'>{html.escape(d.eps_meaning)}</p>")
+    rows = [[layer, r["nominal"], r["free_from_G"], r["free_from_K"], r["free_combined"], r["kfac_rank"],
+             r.get("synchronized_head_freedoms", ""), r.get("synchronized_neuron_freedoms", "")]
+            for layer, r in d.per_layer.items()]
+    parts.append(_table(["layer", "nominal", "free (G≈0)", "free (K≈0)", "free (G∪K)", "K-FAC rank",
+                         "sync-head freedoms", "sync-neuron freedoms"], rows))
+    t = d.totals
+    parts.append(f"<p><b>Totals:</b> {t.get('nominal_weights'):,} weight parameters ({t.get('nominal_model'):,} in "
+                 f"the model); K-FAC effective count {t.get('kfac_rank'):,} at eps = {d.eps:.3g}; minus "
+                 f"synchronisation freedoms → <b>{t.get('effective_parameters'):,}</b> effective parameters.</p>")
+    parts.append("".join(_img(p) for p in figures.get("parameters", [])))
+    if d.notes:
+        parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in d.notes) + "</ul>")
+
+    heads = report.synchronized_heads
+    if heads is not None:
+        parts.append("<h2>Synchronized attention heads</h2>")
+        parts.append(f"<p class='note'>threshold {heads.threshold:g} on the {html.escape(heads.meaning)}; "
+                     f"{html.escape(heads.rank_source)}.</p>")
+        rows = [[b.layer, ", ".join(map(str, b.heads)), f"{b.worst_distance:.3g}", b.freedoms]
+                for b in heads.blocks if len(b.heads) > 1]
+        parts.append(_table(["layer", "heads", "worst distance", "freedoms"], rows) if rows
+                     else "<p>No synchronized pair at this threshold.</p>")
+        parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("heads", [])) + "</div>")
+
+    neurons = report.synchronized_neurons
+    if neurons is not None:
+        parts.append("<h2>Synchronized and dead neurons</h2>")
+        parts.append(f"<p class='note'>threshold {neurons.threshold:g} on the {html.escape(neurons.meaning)}.</p>")
+        rows = [[l, s.d_mlp, len(s.dead), sum(len(b.neurons) > 1 for b in s.blocks), s.sum_s_squared_minus_d,
+                 s.added_freedoms] for l, s in neurons.layers.items()]
+        parts.append(_table(["layer", "d_mlp", "dead", "blocks (>1 neuron)", "Σ s_a² − d", "added freedoms"], rows))
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
