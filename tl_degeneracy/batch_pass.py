@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ class JacobianSettings:
     probe: ProbeKind = "rademacher"
     seed: int = 0
     output_transform: Callable[[Tensor], Tensor] | None = None  # applied to a hook output (local bases)
+    probe_chunk: int = 16  # probes per vmapped backward pass (memory: chunk × one batch of gradients)
 
     @property
     def exact(self) -> bool:
@@ -160,6 +161,33 @@ class _ParamsRequireGrad:
             p.requires_grad_(False)
 
 
+def _chunks(probes: Iterable[Tensor], size: int) -> Iterator[list[Tensor]]:
+    chunk: list[Tensor] = []
+    for v in probes:
+        chunk.append(v)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[Tensor | None]:
+    """``Jᵀ v`` at every input for a chunk of probes, stacked on a leading probe axis.
+
+    One vmapped backward pass per chunk (``is_grads_batched``) is ~3× faster than a
+    Python loop of passes; where an op has no batching rule we fall back to the loop.
+    """
+    if len(chunk) > 1:
+        try:
+            return list(torch.autograd.grad(z, inputs, grad_outputs=torch.stack(chunk), retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True))
+        except RuntimeError:
+            pass
+    per_probe = [torch.autograd.grad(z, inputs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in chunk]
+    return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_probe)]
+
+
 def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSettings) -> Tensor:
     if callable(settings.output):
         z = settings.output(logits)
@@ -218,15 +246,17 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
             weight = 1.0 / settings.n_probes
         inputs = [captured[n] for n in plan.m_hooks]
         jac: dict[str, GramAccumulator] = {}
-        for v in probes:
-            grads = torch.autograd.grad(z, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
-            for name, g in zip(plan.m_hooks, grads):
+        for chunk in _chunks(probes, settings.probe_chunk):
+            for name, g in zip(plan.m_hooks, _probe_grads(z, inputs, chunk)):
                 if g is None:
                     raise RuntimeError(
                         f"the output does not depend on hook point {name!r} (no gradient reaches it); "
                         "choose hooks before the output, or a later output"
                     )
-                acc = GramAccumulator.from_batch(_flat(g)[mask], weight=weight)
+                # g: [probes, batch, pos, ...] → the selected datapoints of every probe
+                g = g.flatten(3)[:, mask]
+                g = g.reshape(-1, g.shape[-1])
+                acc = GramAccumulator.from_batch(g, weight=weight)
                 jac[name] = acc if name not in jac else jac[name].add_(acc)
     for name, acc in jac.items():
         acc.tensors["n"] = torch.tensor(int(mask.sum()), dtype=torch.int64, device=acc.tensors["n"].device)
