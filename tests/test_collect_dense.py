@@ -82,3 +82,20 @@ def test_modadd_fixture_grams(modadd_dir):
     for hook in hooks:
         f = dense_activations(model, tokens, hook).reshape(500, 3, -1)[:, -1]
         assert rel_err(stats.gram(hook), f.T @ f / 500) < 1e-10
+
+
+def test_padding_does_not_leak_into_jacobian_grams(tiny, tiny_tokens):
+    """Jacobian Grams of a right-padded batch equal those of the same sequences unpadded (exact mode).
+
+    Padding rows after the real tokens attend to them: probes on those rows would leak in."""
+    hook = "blocks.0.hook_resid_pre"
+    short = tiny_tokens[:4, :8]
+    padded = torch.cat([short, torch.zeros(4, 4, dtype=torch.long)], dim=1)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:, :8] = True
+    ref = tld.collect(tiny, short, hook, jacobians=True, exact=True, progress=False)
+    got = tld.collect(tiny, [{"tokens": padded, "attention_mask": mask}], hook, jacobians=True, exact=True,
+                      progress=False)
+    assert got.n_datapoints(hook) == ref.n_datapoints(hook) == 32
+    a, b = got.jacobian_gram(hook), ref.jacobian_gram(hook)
+    assert float((a - b).norm() / b.norm()) < 1e-8

@@ -188,7 +188,8 @@ def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[T
     return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_probe)]
 
 
-def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSettings) -> Tensor:
+def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSettings,
+               attention_mask: Tensor | None = None) -> Tensor:
     if callable(settings.output):
         z = settings.output(logits)
     elif settings.output == "logits":
@@ -197,6 +198,10 @@ def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSe
         z = captured[settings.output]
         if settings.output_transform is not None:
             z = settings.output_transform(_flat(z))
+    if attention_mask is not None and not callable(settings.output):
+        # Padded output rows carry no behavioral loss: without this, probes on them leak
+        # gradient into the real positions they attend to.
+        z = z * attention_mask.to(z.dtype).reshape(*attention_mask.shape, *([1] * (z.ndim - 2)))
     if settings.output_positions is not None and not callable(settings.output):
         pos_mask = position_mask(settings.output_positions, z.shape[0], z.shape[1], device=z.device)
         z = z[:, pos_mask[0]]
@@ -228,7 +233,7 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
             kwargs["stop_at_layer"] = stop
     with torch.enable_grad(), _ParamsRequireGrad(model), model.hooks(fwd_hooks=[(n, capture(n)) for n in names]):
         logits = model(tokens, **kwargs)
-        z = _output_of(logits, captured, settings)
+        z = _output_of(logits, captured, settings, kwargs.get("attention_mask"))
 
         for name in plan.hooks:
             acc = GramAccumulator.from_batch(_flat(captured[name].detach())[mask])
