@@ -30,24 +30,13 @@ from pathlib import Path
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.default_model import DEFAULT_MODEL_NAME, default_text_dataset, load_default_model
-from tl_degeneracy.generations import HubUnavailableError, load_pretrained
+from tl_degeneracy.default_model import default_text_dataset, load_model_or_default
 from tl_degeneracy.interaction_basis import InteractionBasis
 
-EMBEDDED = ("default", "embedded")
-
-
 def load_model(name: str, device: str | None) -> tuple[torch.nn.Module, str]:
-    """``--model default`` is the embedded model; a TL name or local HF folder otherwise, with an
-    offline fallback to the embedded model when the Hugging Face hub cannot be reached."""
-    if name in EMBEDDED:
-        return load_default_model(device=device), DEFAULT_MODEL_NAME
-    try:
-        return load_pretrained(name, device=device), name
-    except HubUnavailableError:
-        print(f"note: cannot load {name!r} (the Hugging Face hub is unreachable); "
-              f"falling back to the embedded default model {DEFAULT_MODEL_NAME}")
-        return load_default_model(device=device), DEFAULT_MODEL_NAME
+    """``--model default`` is the embedded model; otherwise a TL name or local HF folder, falling
+    back to the embedded model when the Hugging Face hub cannot be reached."""
+    return load_model_or_default(name, device=device)
 
 
 def load_text(spec: str | None):

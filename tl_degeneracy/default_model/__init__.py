@@ -122,3 +122,22 @@ def default_text_dataset() -> Any:
     from datasets import Dataset
 
     return Dataset.from_dict({"text": default_texts()})
+
+
+EMBEDDED_NAMES = ("default", "embedded")
+
+
+def load_model_or_default(name: str | None, device: str | torch.device | None = None,
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
+    """``(model, name)``: the embedded model for None/"default"/"embedded", else a TL name or local
+    HF folder; when the Hugging Face hub is unreachable, say so and fall back to the embedded model."""
+    from ..generations import HubUnavailableError, load_pretrained
+
+    if name is None or name in EMBEDDED_NAMES:
+        return load_default_model(dtype=dtype, device=device), DEFAULT_MODEL_NAME
+    try:
+        return load_pretrained(name, dtype=dtype, device=device), name
+    except HubUnavailableError:
+        print(f"note: cannot load {name!r} (the Hugging Face hub is unreachable); "
+              f"falling back to the embedded default model {DEFAULT_MODEL_NAME}")
+        return load_default_model(dtype=dtype, device=device), DEFAULT_MODEL_NAME
