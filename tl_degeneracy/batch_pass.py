@@ -5,7 +5,6 @@ out finite, so a bad batch never corrupts what was accumulated before it.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Union
 
@@ -14,7 +13,6 @@ from torch import Tensor
 
 from .accumulators import AdditiveAccumulator, GramAccumulator
 from .data import TokenBatch
-from .hook_names import layer_of
 from .positions import PositionSpec, position_mask
 from .probes import BehavioralLoss, ProbeKind, batch_generator, exact_probes, random_probes
 from .stats import ACTIVATIONS, JACOBIANS
@@ -85,12 +83,41 @@ def _flat(act: Tensor) -> Tensor:
     return act.reshape(act.shape[0], act.shape[1], -1)
 
 
-def _stop_layer(model: torch.nn.Module, names: list[str]) -> int | None:
-    """Run only the blocks the hooks need (skips ln_final and the unembedding)."""
-    layers = [layer_of(n) for n in names]
-    if any(layer is None for layer in layers) or "stop_at_layer" not in inspect.signature(model.forward).parameters:
+def _datapoints(act: Tensor, mask: Tensor) -> Tensor:
+    """The selected datapoints ``[n, d]``; a view, not a copy, when every position is selected."""
+    flat = _flat(act)
+    return flat.reshape(-1, flat.shape[-1]) if bool(mask.all()) else flat[mask]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every hook a batch needs has fired: the rest of the forward is waste."""
+
+
+def _forward_until_hooks_fired(model: torch.nn.Module, tokens: Tensor, kwargs: dict[str, Any],
+                               fwd_hooks: list[tuple[str, Callable]], stop_early: bool) -> Tensor | None:
+    """``model(tokens)`` under ``fwd_hooks``; with ``stop_early``, cut short after the last one fires.
+
+    This skips what follows the last needed hook (the rest of its block, ln_final and the
+    unembedding) on both TL generations — the bridge ignores ``stop_at_layer == n_layers``.
+    Returns the model output, or None when stopped early.
+    """
+    pending = {name for name, _ in fwd_hooks}
+
+    def tracked(name: str, fn: Callable) -> Callable:
+        def hook(act: Tensor, hook: Any) -> Any:
+            result = fn(act, hook)
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _StopForward
+            return result
+
+        return hook
+
+    try:
+        with model.hooks(fwd_hooks=[(name, tracked(name, fn)) for name, fn in fwd_hooks]):
+            return model(tokens, **kwargs)
+    except _StopForward:
         return None
-    return max(layers) + 1  # type: ignore[type-var]
 
 
 def run_batch(
@@ -111,7 +138,7 @@ def run_batch(
 
         def gram_hook(name: str):
             def hook(act: Tensor, hook: Any) -> None:
-                acc = GramAccumulator.from_batch(_flat(act)[mask])
+                acc = GramAccumulator.from_batch(_datapoints(act, mask))
                 _check_finite(acc, "activations", name, batch_index)
                 out[(ACTIVATIONS, name)] = acc
 
@@ -124,11 +151,8 @@ def run_batch(
             return hook
 
         fwd = [(n, gram_hook(n)) for n in plan.hooks] + [(n, cache_hook(n)) for n in dict.fromkeys(observer_hooks)]
-        stop = _stop_layer(model, plan.hooks + observer_hooks)
-        if stop is not None:
-            kwargs["stop_at_layer"] = stop
-        with torch.no_grad(), model.hooks(fwd_hooks=fwd):
-            model(tokens, **kwargs)
+        with torch.no_grad():
+            _forward_until_hooks_fired(model, tokens, kwargs, fwd, stop_early=True)
         for obs in plan.observers:
             out.update(obs.compute(cache, mask))
         return out
@@ -227,16 +251,14 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
     observer_hooks = [h for obs in plan.observers for h in obs.hooks]
     extra = [settings.output] if isinstance(settings.output, str) and settings.output != "logits" else []
     names = list(dict.fromkeys(plan.hooks + observer_hooks + extra))
-    if extra:  # local analysis: nothing after the output hook is needed
-        stop = _stop_layer(model, names)
-        if stop is not None:
-            kwargs["stop_at_layer"] = stop
-    with torch.enable_grad(), _ParamsRequireGrad(model), model.hooks(fwd_hooks=[(n, capture(n)) for n in names]):
-        logits = model(tokens, **kwargs)
+    with torch.enable_grad(), _ParamsRequireGrad(model):
+        # local analysis (output = a hook): nothing after the last needed hook is run
+        logits = _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in names],
+                                            stop_early=bool(extra))
         z = _output_of(logits, captured, settings, kwargs.get("attention_mask"))
 
         for name in plan.hooks:
-            acc = GramAccumulator.from_batch(_flat(captured[name].detach())[mask])
+            acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), mask))
             _check_finite(acc, "activations", name, batch_index)
             out[(ACTIVATIONS, name)] = acc
         for obs in plan.observers:

@@ -65,21 +65,34 @@ def _cfg_summary(model: torch.nn.Module) -> dict[str, Any]:
     return {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
 
 
+def _weight_checksum(model: torch.nn.Module) -> tuple[float, float]:
+    """Sum and sum of squares of every parameter, in float64, one slice at a time (no full copy)."""
+    total, squares = 0.0, 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.detach().reshape(-1)
+            for start in range(0, flat.numel(), 1 << 20):
+                chunk = flat[start:start + (1 << 20)].to(torch.float64)
+                total += float(chunk.sum())
+                squares += float(chunk.square().sum())
+    return total, squares
+
+
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     """A JSON-able identity card: class, TL version, config, processing flags, weight checksum.
 
     The checksum (sum and sum of squares of every parameter, in float64) tells two
-    models with the same config but different weights apart, cheaply.
+    models with the same config but different weights apart, cheaply. It is cached on the
+    model and recomputed only when a parameter is replaced or changed in place.
     """
-    total, squares = 0.0, 0.0
-    with torch.no_grad():
-        for p in model.parameters():
-            p64 = p.detach().to(torch.float64)
-            total += float(p64.sum())
-            squares += float(p64.square().sum())
+    key = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+    cached = getattr(model, "_tl_degeneracy_description", None)
+    if cached is not None and cached[0] == key:
+        return dict(cached[1])
+    total, squares = _weight_checksum(model)
     summary = _cfg_summary(model)
     digest = hashlib.sha256(json.dumps([summary, f"{total:.9e}", f"{squares:.9e}"]).encode()).hexdigest()
-    return {
+    description = {
         "class": model_kind(model),
         "transformer_lens": transformer_lens_version(),
         "cfg": {k: str(v) if not isinstance(v, (int, float, str, bool)) else v for k, v in summary.items()},
@@ -87,6 +100,11 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
         "dtype": str(model_dtype(model)),
         "weights_sha256": digest,
     }
+    try:
+        object.__setattr__(model, "_tl_degeneracy_description", (key, description))
+    except Exception:  # a module that refuses new attributes: just don't cache
+        pass
+    return dict(description)
 
 
 def _legacy_config_dict(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
