@@ -28,12 +28,14 @@ FULL_ARGS: dict[str, list[str]] = {
                           "--probes", "4"],
     "memory_growth": [],
     "naive_baseline": ["--batch-size", "2", "--context", "256", "--batches", "3", "--repeats", "3"],
+    "analyze_wall_time": [],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "collect_overhead": ["--quick"],
     "jacobian_overhead": ["--quick"],
     "memory_growth": ["--quick", "--parallel"],
     "naive_baseline": ["--quick"],
+    "analyze_wall_time": ["--quick"],
 }
 
 
@@ -92,6 +94,9 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("speedup of collect vs run_with_cache + Gram", f"{r['speedup_vs_naive_streaming']:.3f}x", "", ""),
             ("speedup of collect vs cache-all + dense Gram", f"{r['speedup_vs_naive_dense']:.3f}x", "", ""),
         ]
+    if name == "analyze_wall_time":
+        return [("wall time of analyze, embedded model (s)", f"{r['seconds']:.1f} ({r['tokens']} tokens)",
+                 "< 300 s", ok(r["seconds"] < 300))]
     return [("ratio", f"{r.get('ratio')}", "", "")]
 
 

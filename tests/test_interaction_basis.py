@@ -172,3 +172,33 @@ def test_local_basis_equals_global_in_a_deep_linear_network():
         a, b = local[hook].transform(f), global_basis[hook].transform(f)
         assert a.shape == b.shape
         assert _match_up_to_sign(a, b) < 1e-8, hook
+
+
+def test_kl_jacobian_gram_equals_dense_jt_h_j(tiny):
+    """behavioral_loss='kl': exact mode equals Σ Jᵀ (diag p − p pᵀ) J built from dense Jacobians,
+    and the probe estimate (v = Bξ, B Bᵀ = H) converges to it."""
+    tokens = torch.randint(0, 23, (6, 5), generator=torch.Generator().manual_seed(3))
+    hook = "blocks.1.hook_resid_pre"
+    kwargs = dict(jacobians=True, behavioral_loss="kl", output_positions=[-1], progress=False)
+    exact = tld.collect(tiny, tokens, hook, exact=True, **kwargs).jacobian_gram(hook)
+
+    captured = {}
+
+    def keep(act, hook):
+        captured["f"] = act
+        return act
+
+    M = torch.zeros(16, 16, dtype=torch.float64)
+    for b in range(tokens.shape[0]):
+        with tiny.hooks(fwd_hooks=[(hook, keep)]):
+            logits = tiny(tokens[b:b + 1])[0, -1]
+        J = torch.stack([torch.autograd.grad(logits[k], captured["f"], retain_graph=True)[0][0]
+                         for k in range(logits.shape[0])])  # [vocab, pos, d]
+        p = torch.softmax(logits.detach(), -1)
+        H = torch.diag(p) - torch.outer(p, p)
+        for t in range(tokens.shape[1]):
+            M += J[:, t].T @ H @ J[:, t]
+    M /= tokens.numel()
+    assert float((exact - M).norm() / M.norm()) < 1e-10
+    estimate = tld.collect(tiny, tokens, hook, n_probes=256, probe="gaussian", **kwargs).jacobian_gram(hook)
+    assert float((estimate - M).norm() / M.norm()) < 0.2

@@ -272,6 +272,7 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
             probes = random_probes(z, settings.n_probes, settings.probe, gen, probs)
             weight = 1.0 / settings.n_probes
         inputs = [captured[n] for n in plan.m_hooks]
+        all_selected = bool(mask.all())
         jac: dict[str, GramAccumulator] = {}
         for chunk in _chunks(probes, settings.probe_chunk):
             for name, g in zip(plan.m_hooks, _probe_grads(z, inputs, chunk)):
@@ -281,8 +282,8 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
                         "choose hooks before the output, or a later output"
                     )
                 # g: [probes, batch, pos, ...] → the selected datapoints of every probe
-                g = g.flatten(3)[:, mask]
-                g = g.reshape(-1, g.shape[-1])
+                g = g.flatten(3)
+                g = g.reshape(-1, g.shape[-1]) if all_selected else g[:, mask].reshape(-1, g.shape[-1])
                 acc = GramAccumulator.from_batch(g, weight=weight)
                 jac[name] = acc if name not in jac else jac[name].add_(acc)
     for name, acc in jac.items():
