@@ -116,6 +116,7 @@ def model_from_tl_state_dict(
     state_dict: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    tokenizer: Any = None,
 ) -> torch.nn.Module:
     """Build a model in the *installed* generation from a HookedTransformer-format state dict.
 
@@ -128,7 +129,7 @@ def model_from_tl_state_dict(
     if installed_generation() == 3:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        model = HookedTransformer(HookedTransformerConfig(**_legacy_config_dict(cfg, dtype)))
+        model = HookedTransformer(HookedTransformerConfig(**_legacy_config_dict(cfg, dtype)), tokenizer=tokenizer)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         real_missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
         if real_missing or unexpected:
@@ -139,7 +140,8 @@ def model_from_tl_state_dict(
         from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
         bridge_cfg = TransformerBridgeConfig(**cfg)
-        model = TransformerBridge.boot_native(bridge_cfg, dtype=dtype)
+        named = {"model_name": cfg["model_name"]} if "model_name" in cfg else {}
+        model = TransformerBridge.boot_native(bridge_cfg, tokenizer=tokenizer, dtype=dtype, **named)
         model.load_state_dict(convert_tl_checkpoint(state_dict, bridge_cfg), strict=True)
     if device is not None:
         model.to(device)

@@ -81,31 +81,10 @@ def load_default_model(
     ``tl_degeneracy.generations.model_from_tl_state_dict`` loads them, so both generations
     compute the same logits.
     """
-    from ..generations import installed_generation
+    from ..generations import model_from_tl_state_dict
 
-    cfg = default_tl_config()
-    state_dict = {k: v.to(dtype) for k, v in default_state_dict().items()}
-    tokenizer = default_tokenizer()
-    if installed_generation() == 3:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        model = HookedTransformer(HookedTransformerConfig(**cfg, dtype=dtype), tokenizer=tokenizer)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        real_missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
-        if real_missing or unexpected:
-            raise ValueError(f"default model weights do not fit: missing {real_missing}, unexpected {unexpected}")
-    else:
-        from transformer_lens import TransformerBridge
-        from transformer_lens.config import TransformerBridgeConfig
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
-
-        bridge_cfg = TransformerBridgeConfig(**cfg)
-        model = TransformerBridge.boot_native(bridge_cfg, tokenizer=tokenizer, dtype=dtype, model_name=cfg["model_name"])
-        model.load_state_dict(convert_tl_checkpoint(state_dict, bridge_cfg), strict=True)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model
+    return model_from_tl_state_dict(default_tl_config(), default_state_dict(), dtype=dtype, device=device,
+                                    tokenizer=default_tokenizer())
 
 
 def default_texts() -> list[str]:
