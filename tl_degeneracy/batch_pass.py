@@ -83,10 +83,10 @@ def _flat(act: Tensor) -> Tensor:
     return act.reshape(act.shape[0], act.shape[1], -1)
 
 
-def _datapoints(act: Tensor, mask: Tensor) -> Tensor:
-    """The selected datapoints ``[n, d]``; a view, not a copy, when every position is selected."""
+def _datapoints(act: Tensor, select: Tensor | None) -> Tensor:
+    """The selected datapoints ``[n, d]``; ``select=None`` (every position) gives a view, not a copy."""
     flat = _flat(act)
-    return flat.reshape(-1, flat.shape[-1]) if bool(mask.all()) else flat[mask]
+    return flat.reshape(-1, flat.shape[-1]) if select is None else flat[select]
 
 
 class _StopForward(Exception):
@@ -129,6 +129,7 @@ def run_batch(
     tokens = batch.tokens.to(_device(model))
     B, T = tokens.shape
     mask = position_mask(plan.positions, B, T, batch.attention_mask, device=tokens.device)
+    select = None if bool(mask.all()) else mask  # checked once per batch, not once per hook
     out: dict[tuple[str, str], AdditiveAccumulator] = {}
     observer_hooks = [h for obs in plan.observers for h in obs.hooks]
     kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(tokens.device)}
@@ -138,7 +139,7 @@ def run_batch(
 
         def gram_hook(name: str):
             def hook(act: Tensor, hook: Any) -> None:
-                acc = GramAccumulator.from_batch(_datapoints(act, mask))
+                acc = GramAccumulator.from_batch(_datapoints(act, select))
                 _check_finite(acc, "activations", name, batch_index)
                 out[(ACTIVATIONS, name)] = acc
 
@@ -157,7 +158,7 @@ def run_batch(
             out.update(obs.compute(cache, mask))
         return out
 
-    return _run_batch_with_jacobians(model, tokens, mask, plan, batch_index, kwargs, out)
+    return _run_batch_with_jacobians(model, tokens, mask, select, plan, batch_index, kwargs, out)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -232,7 +233,7 @@ def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSe
     return z
 
 
-def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index: int, kwargs: dict,
+def _run_batch_with_jacobians(model, tokens, mask, select, plan: BatchPlan, batch_index: int, kwargs: dict,
                               out: dict) -> dict:
     settings = plan.jacobians
     assert settings is not None
@@ -258,7 +259,7 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
         z = _output_of(logits, captured, settings, kwargs.get("attention_mask"))
 
         for name in plan.hooks:
-            acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), mask))
+            acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), select))
             _check_finite(acc, "activations", name, batch_index)
             out[(ACTIVATIONS, name)] = acc
         for obs in plan.observers:
@@ -272,7 +273,6 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
             probes = random_probes(z, settings.n_probes, settings.probe, gen, probs)
             weight = 1.0 / settings.n_probes
         inputs = [captured[n] for n in plan.m_hooks]
-        all_selected = bool(mask.all())
         jac: dict[str, GramAccumulator] = {}
         for chunk in _chunks(probes, settings.probe_chunk):
             for name, g in zip(plan.m_hooks, _probe_grads(z, inputs, chunk)):
@@ -283,7 +283,7 @@ def _run_batch_with_jacobians(model, tokens, mask, plan: BatchPlan, batch_index:
                     )
                 # g: [probes, batch, pos, ...] → the selected datapoints of every probe
                 g = g.flatten(3)
-                g = g.reshape(-1, g.shape[-1]) if all_selected else g[:, mask].reshape(-1, g.shape[-1])
+                g = g.reshape(-1, g.shape[-1]) if select is None else g[:, select].reshape(-1, g.shape[-1])
                 acc = GramAccumulator.from_batch(g, weight=weight)
                 jac[name] = acc if name not in jac else jac[name].add_(acc)
     for name, acc in jac.items():
