@@ -1,7 +1,7 @@
 """A GPT-2-small-shaped random model and random token batches, with no hub access.
 
 Shared by the scripts in ``benchmarks/``. The weights come from
-``tl_degeneracy.toy_models.random_tl_state_dict`` (a seeded HookedTransformer-format state
+``tl_degeneracy.testing.random_tl_state_dict`` (a seeded HookedTransformer-format state
 dict) and are loaded into the *installed* TransformerLens generation by
 ``tl_degeneracy.generations.model_from_tl_state_dict``: a ``HookedTransformer`` under TL 3.x,
 a ``TransformerBridge`` (``boot_native``) under TL 4.x. Same seed, same function.
@@ -55,7 +55,7 @@ def build_model(preset: str = "gpt2", n_layers: int | None = None, seed: int = 0
     import torch
 
     from tl_degeneracy.generations import model_from_tl_state_dict
-    from tl_degeneracy.toy_models import random_tl_state_dict
+    from tl_degeneracy.testing import random_tl_state_dict
 
     cfg = model_config(preset, n_layers)
     state_dict = random_tl_state_dict(cfg, seed=seed)

@@ -13,7 +13,7 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.interaction_basis import InteractionBasis
-from tl_degeneracy.toy_models import modadd_dataset, modadd_model
+from tl_degeneracy.testing import modadd_dataset, modadd_model
 
 
 def main() -> None:

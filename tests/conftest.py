@@ -2,7 +2,6 @@
 CI runs the suite once per generation (TL 4.x main env, TL 3.9.0 second env)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tl_degeneracy.generations import installed_generation  # noqa: E402
-from tl_degeneracy.toy_models import default_modadd_dir, tiny_model  # noqa: E402
+from tl_degeneracy.testing import MODADD_DIR, tiny_model  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -35,9 +34,6 @@ def tiny_tokens() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def modadd_dir() -> Path:
-    folder = default_modadd_dir()
-    if not (folder / "model_epoch_60000.pt").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"the shared modadd fixture is missing at {folder}")
-        pytest.skip(f"modadd fixture not found at {folder}")
-    return folder
+    """RIB's grokked modular-addition checkpoint, shipped inside the package."""
+    assert (MODADD_DIR / "model_epoch_60000.pt").exists(), MODADD_DIR
+    return MODADD_DIR

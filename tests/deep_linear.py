@@ -1,6 +1,6 @@
 """A purpose-built HookedRootModule: embedding, then hook points between plain linear maps.
 
-Everything after each hook is linear, so MATH.md §5's appendix-A result applies: the
+Everything after each hook is linear, so docs/theory.md §5's appendix-A result applies: the
 interaction-basis coordinates at every hook are the output's principal-component
 coordinates, up to sign. An optional GELU after the last hook makes it nonlinear (for the
 invariance test, which must hold for any downstream function).

@@ -13,7 +13,7 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.analysis import AnalysisReport, analyze, render
-from tl_degeneracy.toy_models import tiny_model
+from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
-"""Streamed Grams equal dense ones from run_with_cache (MATH.md §2), on the installed TL generation."""
+"""Streamed Grams equal dense ones from run_with_cache (docs/theory.md §2), on the installed TL generation."""
 import pytest
 import torch
 
 import tl_degeneracy as tld
 from dense_reference import dense_activations, rel_err
-from tl_degeneracy.toy_models import tiny_model
+from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
 
@@ -73,7 +73,7 @@ def test_low_precision_model_accumulates_float64(dtype, tiny_tokens):
 
 
 def test_modadd_fixture_grams(modadd_dir):
-    from tl_degeneracy.toy_models import modadd_dataset, modadd_model
+    from tl_degeneracy.testing import modadd_dataset, modadd_model
 
     model = modadd_model(modadd_dir, dtype=torch.float64)
     tokens = modadd_dataset("train")[:500]

@@ -20,7 +20,7 @@ from tl_degeneracy.degeneracy_report import (
     DegeneracyReport, degeneracy_hooks, degeneracy_report, weight_matrices,
 )
 from tl_degeneracy.generations import model_from_tl_state_dict
-from tl_degeneracy.toy_models import random_tl_state_dict, tiny_config
+from tl_degeneracy.testing import random_tl_state_dict, tiny_config
 
 SMALL = dict(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=11, n_ctx=6)
 

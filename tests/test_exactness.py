@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.toy_models import tiny_model
+from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
 

@@ -1,4 +1,4 @@
-"""The interaction basis against closed forms (MATH.md §5): deep linear networks, invariance,
+"""The interaction basis against closed forms (docs/theory.md §5): deep linear networks, invariance,
 estimator vs exact, and the trained modular-addition net."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import tl_degeneracy as tld
 from deep_linear import DeepLinear
 from tl_degeneracy.interaction_basis import InteractionBasis, fit_layer
-from tl_degeneracy.toy_models import tiny_model
+from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
 

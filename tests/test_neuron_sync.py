@@ -7,7 +7,7 @@ import torch
 from tl_degeneracy import Stats, collect
 from tl_degeneracy import neuron_sync as ns
 from tl_degeneracy.generations import model_from_tl_state_dict
-from tl_degeneracy.toy_models import random_tl_state_dict, tiny_config
+from tl_degeneracy.testing import random_tl_state_dict, tiny_config
 
 D_MLP, VOCAB, CTX = 32, 23, 12
 HOOK = "blocks.0.hook_resid_pre"

@@ -2,28 +2,33 @@
 
 Collect float64 activation and Jacobian Gram matrices at hook points (``collect`` →
 ``Stats``), fit interaction bases and splice them into live models, find synchronized
-heads and neurons, and count the model's degeneracies (Bushnaq et al. 2024, arXiv 2405.10927).
+heads and neurons, and count the model's degeneracies (Bushnaq et al. 2024, arXiv 2405.10927;
+the mathematics in docs/theory.md).
 """
 from .accumulators import AdditiveAccumulator, GramAccumulator
 from .batch_pass import NonFiniteError
 from .checkpoint import CheckpointMismatchError
-from .collect import collect
+from .collect import Terminated, collect
+from .config import JacobianConfig, ProbeKind, RunConfig
 from .data import EmptyDataError
-# Importing these registers the head_sync=True / neuron_sync=True collectors.
 from .degeneracy_report import DegeneracyReport, degeneracy_hooks, degeneracy_report
-from .head_sync import HeadSyncAccumulator, head_sync_matrices, synchronized_heads
-from .hook_names import UnknownHookError, resolve_hooks
+from .head_sync import HeadSync, HeadSyncAccumulator, head_sync_matrices, synchronized_heads
+from .hook_names import UnknownHookError, act_name, residual_hooks, resolve_hooks
 from .interaction_basis import InteractionBasis, LayerBasis
-from .neuron_sync import NeuronSyncAccumulator, neuron_sync_matrices, synchronized_neurons
-from .splice import splice, splice_into, unsplice
-from .stats import Stats
+from .losses import KL, MSE, BehavioralLoss
+from .neuron_sync import NeuronSync, NeuronSyncAccumulator, neuron_sync_matrices, synchronized_neurons
+from .observers import Observer
+from .splice import SpliceHandle, splice, splice_into, unsplice
+from .stats import Progress, RunRecord, Stats
 
 __all__ = [
-    "AdditiveAccumulator", "GramAccumulator", "NonFiniteError", "CheckpointMismatchError",
-    "collect", "EmptyDataError", "UnknownHookError", "resolve_hooks", "Stats",
-    "InteractionBasis", "LayerBasis", "splice", "splice_into", "unsplice",
-    "HeadSyncAccumulator", "head_sync_matrices", "synchronized_heads",
-    "NeuronSyncAccumulator", "neuron_sync_matrices", "synchronized_neurons",
+    "AdditiveAccumulator", "GramAccumulator", "NonFiniteError", "CheckpointMismatchError", "Terminated",
+    "collect", "JacobianConfig", "ProbeKind", "RunConfig", "EmptyDataError",
     "DegeneracyReport", "degeneracy_hooks", "degeneracy_report",
+    "HeadSync", "HeadSyncAccumulator", "head_sync_matrices", "synchronized_heads",
+    "UnknownHookError", "act_name", "residual_hooks", "resolve_hooks",
+    "InteractionBasis", "LayerBasis", "KL", "MSE", "BehavioralLoss",
+    "NeuronSync", "NeuronSyncAccumulator", "neuron_sync_matrices", "synchronized_neurons",
+    "Observer", "SpliceHandle", "splice", "splice_into", "unsplice", "Progress", "RunRecord", "Stats",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

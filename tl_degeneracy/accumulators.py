@@ -1,6 +1,6 @@
 """Running sums that merge exactly.
 
-Every statistic tl_degeneracy streams is a set of *sums* over datapoints (MATH.md §2): two
+Every statistic tl_degeneracy streams is a set of *sums* over datapoints (docs/theory.md §2): two
 accumulators over disjoint data merge by adding their tensors, which is what makes
 batching, checkpoint/resume and multi-process collection give the same numbers.
 ``AdditiveAccumulator`` holds that mechanism once; subclasses only say which tensors they
@@ -41,12 +41,9 @@ class AdditiveAccumulator:
             self.tensors[name] += other.tensors[name].to(self.tensors[name].device)
         return self
 
-    def merge(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
-        """A new accumulator holding the sums over both data sets."""
-        return self.copy().add_(other)
-
     def __add__(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
-        return self.merge(other)
+        """A new accumulator holding the sums over both data sets (``add_`` adds in place)."""
+        return self.copy().add_(other)
 
     def copy(self) -> "AdditiveAccumulator":
         return type(self)({k: v.clone() for k, v in self.tensors.items()})
@@ -87,7 +84,7 @@ class AdditiveAccumulator:
 class GramAccumulator(AdditiveAccumulator):
     """``S = Σ f fᵀ``, ``s = Σ f``, ``n`` over the datapoints of one hook point, in float64.
 
-    Used both for activation Grams ``G`` and Jacobian Grams ``M`` (MATH.md §2), where ``f``
+    Used both for activation Grams ``G`` and Jacobian Grams ``M`` (docs/theory.md §2), where ``f``
     is then the probe-backpropagated ``g = Jᵀ v`` and each batch is pre-scaled by the
     number of probes.
     """

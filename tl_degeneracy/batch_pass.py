@@ -5,68 +5,21 @@ out finite, so a bad batch never corrupts what was accumulated before it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator, GramAccumulator
+from .config import JacobianConfig, RunConfig
 from .data import TokenBatch
-from .positions import PositionSpec, position_mask
-from .probes import BehavioralLoss, ProbeKind, batch_generator, exact_probes, random_probes
+from .positions import position_mask
+from .probes import batch_generator, exact_probes, random_probes
 from .stats import ACTIVATIONS, JACOBIANS
-
-OutputSpec = Union[str, Callable[[Tensor], Tensor]]
 
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf in an activation or gradient; names the hook point and the batch."""
-
-
-@dataclass
-class JacobianSettings:
-    n_probes: int | None = 4  # None: exact (one backward pass per output component)
-    output: OutputSpec = "logits"
-    output_positions: PositionSpec = None
-    behavioral_loss: BehavioralLoss = "mse"
-    probe: ProbeKind = "rademacher"
-    seed: int = 0
-    output_transform: Callable[[Tensor], Tensor] | None = None  # applied to a hook output (local bases)
-    probe_chunk: int = 16  # probes per vmapped backward pass (memory: chunk × one batch of gradients)
-
-    @property
-    def exact(self) -> bool:
-        return self.n_probes is None
-
-    def describe(self) -> dict[str, Any]:
-        out = self.output if isinstance(self.output, str) else f"callable:{getattr(self.output, '__name__', '?')}"
-        positions = self.output_positions
-        return {"n_probes": self.n_probes, "exact": self.exact, "output": out,
-                "output_positions": positions if positions is None or isinstance(positions, (int, list, tuple)) else "mask",
-                "behavioral_loss": self.behavioral_loss, "probe": self.probe, "seed": self.seed,
-                "output_transform": None if self.output_transform is None else "local interaction basis"}
-
-
-# Per-batch observers beyond Grams (head / neuron synchronisation) plug in here: each gets
-# the cache of the hook points it asked for and returns its accumulators for the batch.
-@dataclass
-class Observer:
-    hooks: list[str]
-    compute: Callable[[dict[str, Tensor], Tensor], dict[tuple[str, str], AdditiveAccumulator]]
-
-
-@dataclass
-class BatchPlan:
-    hooks: list[str]
-    positions: PositionSpec = None
-    jacobians: JacobianSettings | None = None
-    observers: list[Observer] = field(default_factory=list)
-    jacobian_hooks: list[str] | None = None  # where M is accumulated (default: every hook)
-
-    @property
-    def m_hooks(self) -> list[str]:
-        return self.hooks if self.jacobian_hooks is None else self.jacobian_hooks
 
 
 def _check_finite(acc: GramAccumulator, what: str, hook: str, batch_index: int) -> None:
@@ -123,15 +76,16 @@ def _forward_until_hooks_fired(model: torch.nn.Module, tokens: Tensor, kwargs: d
 def run_batch(
     model: torch.nn.Module,
     batch: TokenBatch,
-    plan: BatchPlan,
+    plan: RunConfig,
     batch_index: int,
 ) -> dict[tuple[str, str], AdditiveAccumulator]:
+    """Every accumulator's contribution from one batch (nothing is added anywhere)."""
     tokens = batch.tokens.to(_device(model))
     B, T = tokens.shape
     mask = position_mask(plan.positions, B, T, batch.attention_mask, device=tokens.device)
     select = None if bool(mask.all()) else mask  # checked once per batch, not once per hook
     out: dict[tuple[str, str], AdditiveAccumulator] = {}
-    observer_hooks = [h for obs in plan.observers for h in obs.hooks]
+    observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
     kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(tokens.device)}
 
     if plan.jacobians is None:
@@ -213,7 +167,7 @@ def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[T
     return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_probe)]
 
 
-def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSettings,
+def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianConfig,
                attention_mask: Tensor | None = None) -> Tensor:
     if callable(settings.output):
         z = settings.output(logits)
@@ -227,13 +181,13 @@ def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianSe
         # Padded output rows carry no behavioral loss: without this, probes on them leak
         # gradient into the real positions they attend to.
         z = z * attention_mask.to(z.dtype).reshape(*attention_mask.shape, *([1] * (z.ndim - 2)))
-    if settings.output_positions is not None and not callable(settings.output):
+    if settings.output_positions is not None:  # a callable output cannot have them (JacobianConfig)
         pos_mask = position_mask(settings.output_positions, z.shape[0], z.shape[1], device=z.device)
         z = z[:, pos_mask[0]]
     return z
 
 
-def _run_batch_with_jacobians(model, tokens, mask, select, plan: BatchPlan, batch_index: int, kwargs: dict,
+def _run_batch_with_jacobians(model, tokens, mask, select, plan: RunConfig, batch_index: int, kwargs: dict,
                               out: dict) -> dict:
     settings = plan.jacobians
     assert settings is not None
@@ -249,9 +203,9 @@ def _run_batch_with_jacobians(model, tokens, mask, select, plan: BatchPlan, batc
 
         return hook
 
-    observer_hooks = [h for obs in plan.observers for h in obs.hooks]
-    extra = [settings.output] if isinstance(settings.output, str) and settings.output != "logits" else []
-    names = list(dict.fromkeys(plan.hooks + observer_hooks + extra))
+    observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
+    extra = [settings.output_hook] if settings.output_hook is not None else []
+    names = list(dict.fromkeys([*plan.hooks, *observer_hooks, *extra]))
     with torch.enable_grad(), _ParamsRequireGrad(model):
         # local analysis (output = a hook): nothing after the last needed hook is run
         logits = _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in names],
@@ -265,17 +219,20 @@ def _run_batch_with_jacobians(model, tokens, mask, select, plan: BatchPlan, batc
         for obs in plan.observers:
             out.update(obs.compute({k: v.detach() for k, v in captured.items()}, mask))
 
-        probs = torch.softmax(z.detach(), dim=-1) if settings.behavioral_loss == "kl" else None
+        loss = settings.behavioral_loss
+        state = loss.output_state(z)
+        probes: Iterable[Tensor]
         if settings.exact:
-            probes, weight = exact_probes(z, probs), 1.0
+            probes, weight = exact_probes(z, loss, state), 1.0
         else:
+            assert settings.n_probes is not None
             gen = batch_generator(settings.seed, batch_index, z.device)
-            probes = random_probes(z, settings.n_probes, settings.probe, gen, probs)
+            probes = random_probes(z, settings.n_probes, settings.probe, gen, loss, state)
             weight = 1.0 / settings.n_probes
-        inputs = [captured[n] for n in plan.m_hooks]
+        inputs = [captured[n] for n in plan.jacobian_hooks]
         jac: dict[str, GramAccumulator] = {}
         for chunk in _chunks(probes, settings.probe_chunk):
-            for name, g in zip(plan.m_hooks, _probe_grads(z, inputs, chunk)):
+            for name, g in zip(plan.jacobian_hooks, _probe_grads(z, inputs, chunk)):
                 if g is None:
                     raise RuntimeError(
                         f"the output does not depend on hook point {name!r} (no gradient reaches it); "

@@ -1,4 +1,4 @@
-"""Refusing to resume a checkpoint that came from a different run."""
+"""Refusing to resume (or merge) statistics that came from a different run."""
 from __future__ import annotations
 
 import json
@@ -14,26 +14,25 @@ def _norm(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples → lists, as they come back from disk
 
 
+def differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """Every leaf where two JSON-able identities differ, as ``field.sub: then → now``."""
+    saved, current = _norm(saved), _norm(current)
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in list(dict.fromkeys([*saved, *current])):
+            out += differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if saved == current:
+        return []
+    return [f"{path or 'identity'}: checkpoint has {saved!r}, this run has {current!r}"]
+
+
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike) -> None:
-    """Raise if the checkpoint's model, hooks or settings differ from this run's."""
-    problems = []
-    for key, now in current.items():
-        then = saved.get(key)
-        if _norm(then) == _norm(now):
-            continue
-        if key == "model" and isinstance(then, dict):
-            fields = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-            old_cfg, new_cfg = then.get("cfg", {}), now.get("cfg", {})
-            cfg_fields = [f"{k}: {old_cfg.get(k)!r} → {new_cfg.get(k)!r}" for k in sorted(set(old_cfg) | set(new_cfg))
-                          if old_cfg.get(k) != new_cfg.get(k)]
-            problems.append(f"model differs in {fields}" + (f" ({', '.join(cfg_fields)})" if cfg_fields else "")
-                            + (" (different weights)" if "weights_sha256" in fields else ""))
-        elif key == "hooks":
-            problems.append(f"hooks differ: checkpoint has {then}, this run asks for {now}")
-        else:
-            problems.append(f"{key}: checkpoint has {then!r}, this run has {now!r}")
+    """Raise, naming each differing field, if the checkpoint's identity differs from this run's."""
+    problems = differences(saved, current)
     if problems:
         raise CheckpointMismatchError(
-            f"cannot resume from {path}: it was written by a different run: " + "; ".join(problems)
-            + ". Delete it or pass a new checkpoint path to start afresh."
+            f"cannot resume from {path}: it was written by a different run ("
+            + "; ".join(problems)
+            + "). Resuming would mix two runs' sums. Delete the checkpoint or pass a new path to start afresh."
         )

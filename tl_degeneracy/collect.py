@@ -4,31 +4,41 @@ Memory is O(d²) per hook point: activations are reduced to their batch sums ins
 hook and never cached. Batches are numbered in data order; with ``torch.distributed``
 initialised, rank ``r`` of ``w`` takes batches ``i ≡ r (mod w)`` and the sums are
 all-reduced at the end, so any number of processes gives what one process gives.
+
+A checkpoint records the run's identity (model, tokenizer, ``RunConfig``) and a chained
+SHA-256 of the token ids of every batch consumed; resuming re-reads the skipped batches and
+refuses, naming the field, if anything differs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .accumulators import AdditiveAccumulator
-from .batch_pass import BatchPlan, JacobianSettings, NonFiniteError, Observer, OutputSpec, run_batch
+from .batch_pass import NonFiniteError, run_batch
 from .checkpoint import CheckpointMismatchError, check_resumable
-from .data import EmptyDataError, iter_batches
+from .config import JacobianConfig, PositionSpec, RunConfig
+from .data import EmptyDataError, TokenBatch, iter_batches
 from .generations import describe_model
-from .hook_names import HookSpec, enable_gated_hooks, resolve_hooks
-from .positions import PositionSpec, describe_positions
-from .probes import BehavioralLoss, ProbeKind
-from .stats import Stats
+from .hook_names import HookSpec, enable_gated_hooks
+from .observers import Observer
+from .stats import Progress, RunRecord, Stats
 
-__all__ = ["collect", "NonFiniteError", "EmptyDataError", "CheckpointMismatchError"]
+__all__ = ["collect", "NonFiniteError", "EmptyDataError", "CheckpointMismatchError", "Terminated"]
 
-# Other collectors (head/neuron synchronisation) register a factory here:
-# factory(model, options) -> Observer, enabled by collect(..., <name>=True).
-OBSERVER_FACTORIES: dict[str, Callable[[torch.nn.Module, dict[str, Any]], Observer]] = {}
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during ``collect``; like Ctrl-C, the checkpoint was written first."""
 
 
 def _dist_rank_world(distributed: bool | None) -> tuple[int, int]:
@@ -50,135 +60,169 @@ def _rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
+def _package_version() -> str:
+    try:
+        return version("tl_degeneracy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def describe_tokenizer(model: torch.nn.Module) -> str | None:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return None
+    return f"{getattr(tok, 'name_or_path', '') or type(tok).__name__} (vocab {len(tok)})"
+
+
+def run_record(model: torch.nn.Module, config: RunConfig) -> RunRecord:
+    return RunRecord(model=describe_model(model), config=config.to_dict(), tokenizer=describe_tokenizer(model),
+                     package_version=_package_version())
+
+
+def _chain(digest: str, batch: TokenBatch) -> str:
+    """The running data hash after one more batch (token ids and padding mask)."""
+    h = hashlib.sha256(digest.encode())
+    h.update(str(tuple(batch.tokens.shape)).encode())
+    h.update(batch.tokens.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    if batch.attention_mask is not None:
+        h.update(batch.attention_mask.to(torch.uint8).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` (a KeyboardInterrupt) so it checkpoints like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def collect(
     model: torch.nn.Module,
     data: Any,
     hooks: HookSpec = None,
     *,
+    jacobians: bool | JacobianConfig = False,
+    jacobian_hooks: HookSpec = None,
+    observers: Sequence[Observer] = (),
     positions: PositionSpec = None,
     batch_size: int = 8,
     context: int | None = None,
+    config: RunConfig | None = None,
     max_tokens: int | None = None,
-    jacobians: bool = False,
-    jacobian_hooks: HookSpec = None,
-    n_probes: int | None = 4,
-    exact: bool = False,
-    output: OutputSpec = "logits",
-    output_positions: PositionSpec = None,
-    output_transform: Callable | None = None,
-    behavioral_loss: BehavioralLoss = "mse",
-    probe: ProbeKind = "rademacher",
-    seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
     resume: bool = False,
+    checkpoint_every: int = 50,
+    checkpoint_seconds: float = 300.0,
     progress: bool = True,
     distributed: bool | None = None,
-    **observers: Any,
 ) -> Stats:
-    """Accumulate activation Grams (and optionally Jacobian Grams) at ``hooks`` over ``data``.
+    """Accumulate activation Grams (and optionally Jacobian Grams and observers) over ``data``.
+
+    What is accumulated is a ``RunConfig``: pass one as ``config=``, or the same options as
+    keywords (``hooks`` … ``context``), which build it. ``collect(model, tokens,
+    "blocks.*.hook_resid_pre", jacobians=True)`` is the simple call.
 
     Args:
         model: a HookedTransformer (TL 3.x), TransformerBridge (TL 4.x) or HookedRootModule.
         data: token ids ``[n_seq, pos]``, an iterable of batches, or a ``datasets`` dataset.
         hooks: hook names, glob patterns or a names_filter callable (default
             ``blocks.*.hook_resid_pre``). Results are keyed by these names.
-        positions: datapoints per sequence: None (all), e.g. ``[-1]``, or a boolean mask.
-        max_tokens: stop once this many tokens were processed (last batch trimmed).
-        jacobians: also accumulate Jacobian Grams ``M`` of ``output`` w.r.t. every hook.
+        jacobians: ``True`` (4 random probes of the MSE behavioural loss on the logits) or a
+            ``JacobianConfig`` (``exact=True``, ``n_probes``, ``loss="kl"``, ``output``, ...).
         jacobian_hooks: only these of ``hooks`` get ``M`` (default: all of them).
-        n_probes: random probes per batch; ``exact=True`` (or None) loops over every output
-            component instead (the reference the estimator is tested against).
-        output: ``"logits"``, a hook name (local analysis) or a callable on the logits.
-        output_positions: positions of the output to keep (e.g. ``[-1]``).
-        output_transform: with ``output`` a hook name, a map applied to that hook's
-            ``[batch, pos, d]`` activation first (``InteractionBasis.fit_local`` uses it).
-        behavioral_loss: ``"mse"`` (paper default) or ``"kl"`` (softmax output Hessian).
-        checkpoint: file to write the running sums to every ``checkpoint_every`` batches,
-            on Ctrl-C and at the end (atomically). With ``resume=True`` an existing
-            checkpoint is continued; the result equals an uninterrupted run.
+        observers: e.g. ``[HeadSync(), NeuronSync()]``.
+        positions: datapoints per sequence: None (all), e.g. ``[-1]``, or a boolean mask.
+        batch_size: sequences per batch; context: tokens per sequence for text data.
+        config: a ready ``RunConfig`` instead of the keywords above.
+        max_tokens: stop once this many tokens were processed (last batch trimmed).
+        checkpoint: file the running sums are written to every ``checkpoint_every`` batches
+            or ``checkpoint_seconds`` seconds, whichever comes first, on Ctrl-C, on SIGTERM and
+            at the end (atomically). With ``resume=True`` an existing checkpoint is continued
+            after checking that it is the same run on the same data; the result equals an
+            uninterrupted run.
         distributed: split batches over torch.distributed ranks and all-reduce (default:
             when a process group is initialised).
-        **observers: ``head_sync=True`` / ``neuron_sync=True`` and other registered collectors.
     """
-    names = resolve_hooks(model, hooks)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    jac_settings = None
-    if jacobians:
-        if behavioral_loss not in ("mse", "kl"):
-            raise ValueError(f"behavioral_loss must be 'mse' or 'kl', got {behavioral_loss!r}")
-        if behavioral_loss == "kl" and output != "logits":
-            raise ValueError("behavioral_loss='kl' needs output='logits' (it uses the softmax of the output)")
-        if isinstance(output, str) and output != "logits":
-            resolve_hooks(model, [output])
-        if not exact and (n_probes is None or n_probes < 1):
-            exact = True
-        jac_settings = JacobianSettings(
-            n_probes=None if exact else int(n_probes), output=output, output_positions=output_positions,
-            behavioral_loss=behavioral_loss, probe=probe, seed=seed, output_transform=output_transform,
-        )
-    m_names = None
-    if jacobians and jacobian_hooks is not None:
-        m_names = resolve_hooks(model, jacobian_hooks)
-        stray = [h for h in m_names if h not in names]
-        if stray:
-            raise ValueError(f"jacobian_hooks must be among hooks; not in hooks: {stray}")
-    plan = BatchPlan(hooks=names, positions=positions, jacobians=jac_settings, jacobian_hooks=m_names)
-    options: dict[str, Any] = {}
-    for key, value in observers.items():
-        if key not in OBSERVER_FACTORIES:
-            raise TypeError(f"collect() got an unexpected keyword argument {key!r}")
-        if value:
-            options[key] = value
-            plan.observers.append(OBSERVER_FACTORIES[key](model, {"value": value}))
-
-    settings = {
-        "model": describe_model(model),
-        "hooks": names,
-        "positions": describe_positions(positions),
-        "batch_size": batch_size,
-        "jacobians": None if jac_settings is None else {**jac_settings.describe(), "hooks": plan.m_hooks},
-        "observers": sorted(options),
-    }
+    if config is None:
+        config = RunConfig.build(model, hooks, jacobians=jacobians, jacobian_hooks=jacobian_hooks,
+                                 positions=positions, batch_size=batch_size, context=context, observers=observers)
+    elif (hooks, jacobians, jacobian_hooks, tuple(observers), positions, batch_size, context) != \
+            (None, False, None, (), None, 8, None):
+        raise TypeError("pass either config= or the options that build it (hooks, jacobians, observers, "
+                        "positions, batch_size, context), not both")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    if checkpoint_every < 1 or not checkpoint_seconds > 0:
+        raise ValueError("checkpoint_every must be >= 1 and checkpoint_seconds > 0")
+    record = run_record(model, config)
     rank, world = _dist_rank_world(distributed)
     ckpt_path = None if checkpoint is None else _rank_path(checkpoint, rank, world)
 
-    stats = Stats(meta={**settings, "progress": {"batches_seen": 0, "tokens_seen": 0}})
+    stats = Stats(run=record, progress=Progress())
     if resume and ckpt_path is not None and ckpt_path.exists():
         stats = Stats.load(ckpt_path, device="cpu")
-        check_resumable(stats.meta, settings, ckpt_path)
-    skip = stats.meta["progress"]["batches_seen"]
+        if stats.run is None or stats.progress is None:
+            raise CheckpointMismatchError(f"cannot resume from {ckpt_path}: it holds no run record or progress")
+        check_resumable(stats.run.identity(), record.identity(), ckpt_path)
+    assert stats.progress is not None
+    resumed_from = stats.progress
+    skip = resumed_from.batches_seen
     # Counted over every rank's batches, so identical on all ranks (max_tokens stays global).
-    tokens_seen = stats.meta["progress"]["tokens_seen"]
+    tokens_seen = resumed_from.tokens_seen
     next_batch = skip
+    digest, replayed_tokens = "", 0
+    replayed = skip == 0  # until the skipped batches are re-read and checked, the checkpoint on disk stays
 
     def save_checkpoint() -> None:
-        if ckpt_path is not None:
-            stats.meta["progress"] = {"batches_seen": next_batch, "tokens_seen": tokens_seen}
+        if ckpt_path is not None and replayed:
+            stats.progress = Progress(next_batch, tokens_seen, digest, world)
             stats.save(ckpt_path)
 
-    undo = enable_gated_hooks(model, names + [h for obs in plan.observers for h in obs.hooks])
+    observer_hooks = [h for obs in config.observers for h in obs.hooks()]
+    undo = enable_gated_hooks(model, [*config.hooks, *observer_hooks])
     bar = tqdm(total=max_tokens, initial=tokens_seen, unit="tok", unit_scale=True, disable=not progress,
                desc="collect", dynamic_ncols=True)
+    last_save = time.monotonic()
     try:
-        for index, batch in enumerate(iter_batches(data, model, batch_size, context)):
-            if index < skip:
-                continue  # done before the checkpoint we resumed from
-            if max_tokens is not None:
-                if tokens_seen >= max_tokens:
+        with _sigterm_as_interrupt():
+            for index, batch in enumerate(iter_batches(data, model, config.batch_size, config.context)):
+                if index < skip:  # done before the checkpoint we resumed from: re-read to check the data
+                    batch = _trim(batch, max_tokens, replayed_tokens)
+                    digest = _chain(digest, batch)
+                    replayed_tokens += batch.n_tokens
+                    if index == skip - 1:
+                        if digest != resumed_from.data_sha256 or replayed_tokens != tokens_seen:
+                            raise CheckpointMismatchError(
+                                f"cannot resume from {ckpt_path}: the first {skip} batches of this data differ from "
+                                "the ones the checkpoint was made from (data, tokenization, context, batching or "
+                                "max_tokens changed). Resuming would mix two data streams; delete the checkpoint "
+                                "to start afresh.")
+                        replayed = True
+                    continue
+                if max_tokens is not None and tokens_seen >= max_tokens:
                     break
-                rows = -(-(max_tokens - tokens_seen) // batch.tokens.shape[1])  # ceil
-                batch = batch.head(rows)
-            if index % world == rank:
-                _add(stats, run_batch(model, batch, plan, index))
-                stats.meta["n_tokens"] += batch.n_tokens
-                stats.meta["n_batches"] += 1
-            tokens_seen += batch.n_tokens
-            next_batch = index + 1
-            bar.update(batch.n_tokens)
-            if next_batch % checkpoint_every == 0:
-                save_checkpoint()
+                batch = _trim(batch, max_tokens, tokens_seen)
+                if index % world == rank:
+                    _add(stats, run_batch(model, batch, config, index))
+                    stats.n_tokens += batch.n_tokens
+                    stats.n_batches += 1
+                digest = _chain(digest, batch)
+                tokens_seen += batch.n_tokens
+                next_batch = index + 1
+                bar.update(batch.n_tokens)
+                if next_batch % checkpoint_every == 0 or time.monotonic() - last_save >= checkpoint_seconds:
+                    save_checkpoint()
+                    last_save = time.monotonic()
     except KeyboardInterrupt:
         save_checkpoint()  # only whole batches are ever added: a clean resume point
         raise
@@ -186,15 +230,25 @@ def collect(
         bar.close()
         for fn in undo:
             fn()
+    if next_batch < skip:
+        raise CheckpointMismatchError(f"cannot resume from {ckpt_path}: it has consumed {skip} batches, but this "
+                                      f"data has only {next_batch}")
     if next_batch == 0:
         raise EmptyDataError("the data yielded no batches; nothing was accumulated")
     if not stats.accumulators:
         raise EmptyDataError(f"rank {rank} of {world} received no batch; use fewer processes or more data")
     save_checkpoint()  # before any all-reduce: per-rank files must hold per-rank sums
-    stats.meta["progress"] = {"batches_seen": next_batch, "tokens_seen": tokens_seen, "world_size": world}
     if world > 1:
         stats.all_reduce()
     return stats
+
+
+def _trim(batch: TokenBatch, max_tokens: int | None, tokens_seen: int) -> TokenBatch:
+    """The rows of ``batch`` needed to reach ``max_tokens``."""
+    if max_tokens is None:
+        return batch
+    rows = -(-(max_tokens - tokens_seen) // batch.tokens.shape[1])  # ceil
+    return batch.head(rows)
 
 
 def _add(stats: Stats, contributions: dict[tuple[str, str], AdditiveAccumulator]) -> None:

@@ -1,4 +1,4 @@
-"""The degeneracy account of a model (MATH.md §3, §4): free directions per weight matrix.
+"""The degeneracy account of a model (docs/theory.md §3, §4): free directions per weight matrix.
 
 For a weight matrix ``W`` (``d_out × d_in``) reading hook ``in`` and writing hook ``out``:
 - each (near-)zero eigenvalue of the activation Gram ``G`` at ``in`` gives ``d_out`` free
@@ -27,9 +27,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .config import JacobianConfig
 from .generations import describe_model
-from .head_sync import HEAD_SYNC, synchronized_heads
-from .neuron_sync import NEURON_SYNC, synchronized_neurons
+from .head_sync import HEAD_SYNC, SynchronizedHeads, synchronized_heads
+from .hook_names import act_name
+from .linalg import DEFAULT_RTOL, psd_eigenvalues, rank
+from .losses import MSE
+from .neuron_sync import NEURON_SYNC, SynchronizedNeurons, synchronized_neurons
 
 LOGITS = "logits"
 
@@ -63,28 +67,27 @@ def weight_matrices(model: torch.nn.Module) -> list[WeightMatrix]:
     ln = _uses_ln(model)
     out: list[WeightMatrix] = []
     for l in range(L):
-        b = f"blocks.{l}"
-        attn_in = f"{b}.ln1.hook_normalized" if ln else f"{b}.hook_resid_pre"
-        for m in "QKV":
-            for h in range(H if m == "Q" else n_kv):
-                out.append(WeightMatrix(l, f"W_{m}", h, attn_in, f"{b}.attn.hook_{m.lower()}", d, dh,
+        attn_in = act_name("normalized", l, "ln1") if ln else act_name("resid_pre", l)
+        for m in "qkv":
+            for h in range(H if m == "q" else n_kv):
+                out.append(WeightMatrix(l, f"W_{m.upper()}", h, attn_in, act_name(m, l), d, dh,
                                         out_slice=(h * dh, (h + 1) * dh)))
         for h in range(H):
-            out.append(WeightMatrix(l, "W_O", h, f"{b}.attn.hook_z", f"{b}.hook_attn_out", dh, d,
+            out.append(WeightMatrix(l, "W_O", h, act_name("z", l), act_name("attn_out", l), dh, d,
                                     in_slice=(h * dh, (h + 1) * dh)))
         if not getattr(cfg, "attn_only", False):
             d_mlp = int(cfg.d_mlp)
-            mlp_in = f"{b}.ln2.hook_normalized" if ln else f"{b}.hook_resid_mid"
-            out.append(WeightMatrix(l, "W_in", None, mlp_in, f"{b}.mlp.hook_pre", d, d_mlp))
-            out.append(WeightMatrix(l, "W_out", None, f"{b}.mlp.hook_post", f"{b}.hook_mlp_out", d_mlp, d))
-    unembed_in = "ln_final.hook_normalized" if ln else f"blocks.{L - 1}.hook_resid_post"
+            mlp_in = act_name("normalized", l, "ln2") if ln else act_name("resid_mid", l)
+            out.append(WeightMatrix(l, "W_in", None, mlp_in, act_name("pre", l), d, d_mlp))
+            out.append(WeightMatrix(l, "W_out", None, act_name("post", l), act_name("mlp_out", l), d_mlp, d))
+    unembed_in = act_name("normalized") if ln else act_name("resid_post", L - 1)
     out.append(WeightMatrix(None, "W_U", None, unembed_in, LOGITS, d, V))
     return out
 
 
 def degeneracy_hooks(model: torch.nn.Module) -> list[str]:
     """The hook points to collect for a full account:
-    ``collect(model, data, degeneracy_hooks(model), jacobians=True, head_sync=True, neuron_sync=True)``."""
+    ``collect(model, data, degeneracy_hooks(model), jacobians=True, observers=[HeadSync(), NeuronSync()])``."""
     names: list[str] = []
     for w in weight_matrices(model):
         names += [w.input_hook] + ([w.output_hook] if w.output_hook != LOGITS else [])
@@ -121,16 +124,50 @@ class MatrixAccount:
 
 
 @dataclass
+class LayerTotals:
+    """One layer's sums over its matrices (``layer`` is the block index, or "unembed")."""
+
+    nominal: int
+    free_from_G: int
+    free_from_K: int
+    free_combined: int
+    kfac_rank: int
+    matrices_missing_counts: list[str] = field(default_factory=list)
+    synchronized_head_freedoms: int | None = None
+    synchronized_neuron_freedoms: int | None = None
+
+
+@dataclass
+class Totals:
+    """The whole model's account (see ``DegeneracyReport.notes`` for the thresholds)."""
+
+    nominal_weights: int  # Σ d_in·d_out over the covered weight matrices
+    nominal_model: int  # every parameter of the model
+    free_from_G: int
+    free_from_K: int
+    free_combined: int
+    kfac_rank: int
+    synchronized_head_freedoms: int
+    synchronized_neuron_freedoms: int
+    generic_head_freedoms: int  # 2·d_head²·n_heads·n_layers (informational, see below)
+    matrices_with_kfac: int
+    matrices: int
+    effective_parameters: int  # K-FAC rank − synchronisation freedoms
+
+
+@dataclass
 class DegeneracyReport:
     rtol: float
     eps: float | None
     eps_meaning: str
     behavioral_loss: str
     matrices: list[MatrixAccount] = field(default_factory=list)
-    synchronized_heads: dict[str, Any] | None = None
-    synchronized_neurons: dict[str, Any] | None = None
-    totals: dict[str, Any] = field(default_factory=dict)
-    per_layer: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # thresholds of the synchronisation results the totals subtract (the results themselves
+    # are stored once, by whoever computed them: AnalysisReport.synchronized_heads/neurons)
+    head_threshold: float | None = None
+    neuron_threshold: float | None = None
+    totals: Totals | None = None
+    per_layer: dict[str, LayerTotals] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
@@ -150,6 +187,8 @@ class DegeneracyReport:
     def from_dict(cls, data: dict[str, Any]) -> "DegeneracyReport":
         data = dict(data)
         data["matrices"] = [MatrixAccount(**m) for m in data.get("matrices", [])]
+        data["per_layer"] = {k: LayerTotals(**v) for k, v in data.get("per_layer", {}).items()}
+        data["totals"] = None if data.get("totals") is None else Totals(**data["totals"])
         return cls(**data)
 
     @classmethod
@@ -159,55 +198,39 @@ class DegeneracyReport:
     def summary(self) -> str:
         """A plain-text table: one line per layer, then the totals."""
         t = self.totals
+        assert t is not None
         lines = [f"{'layer':>8} {'nominal':>10} {'free(G)':>9} {'free(K)':>9} {'free(G∪K)':>10} {'K-FAC rank':>11}"]
         for layer, row in self.per_layer.items():
-            lines.append(f"{layer:>8} {row['nominal']:>10} {row['free_from_G']:>9} {row['free_from_K']:>9} "
-                         f"{row['free_combined']:>10} {row['kfac_rank']:>11}")
-        lines.append(f"total: {t['nominal_weights']} weight parameters ({t['nominal_model']} in the model), "
-                     f"K-FAC effective count {t['kfac_rank']} at eps={self.eps:.3g}, "
-                     f"synchronized heads −{t['synchronized_head_freedoms']}, neurons −{t['synchronized_neuron_freedoms']} "
-                     f"→ {t['effective_parameters']}")
+            lines.append(f"{layer:>8} {row.nominal:>10} {row.free_from_G:>9} {row.free_from_K:>9} "
+                         f"{row.free_combined:>10} {row.kfac_rank:>11}")
+        heads = "" if self.head_threshold is None else f" (TV ≤ {self.head_threshold:g})"
+        neurons = "" if self.neuron_threshold is None else f" (cost ≤ {self.neuron_threshold:g})"
+        lines.append(f"total: {t.nominal_weights} weight parameters ({t.nominal_model} in the model), "
+                     f"K-FAC effective count {t.kfac_rank} at eps={self.eps:.3g}, "
+                     f"synchronized heads{heads} −{t.synchronized_head_freedoms}, "
+                     f"neurons{neurons} −{t.synchronized_neuron_freedoms} → {t.effective_parameters}")
         return "\n".join(lines)
 
 
 # -- computing ---------------------------------------------------------------------------------
 
-def _eigvals(matrix: Float[Tensor, "d d"]) -> Float[Tensor, " d"]:
-    m = matrix.to(torch.float64)
-    return torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0.0)  # PSD up to rounding
-
-
-def _threshold(eig: Tensor, rtol: float) -> float:
-    return rtol * float(eig.max()) if eig.numel() else 0.0
-
-
-def _rank(eig: Tensor, threshold: float) -> int:
-    return int((eig > threshold).sum())
-
-
-def _jacobian_settings(stats: Any) -> dict[str, Any]:
-    return stats.meta.get("jacobians") or {}
-
-
-def _unembed_K_eigs(stats: Any, d_vocab: int) -> tuple[Tensor | None, str | None]:
+def _unembed_K_eigs(jac: JacobianConfig | None, d_vocab: int) -> tuple[Tensor | None, str | None]:
     """Eigenvalues of ``K`` at the logits: the output Hessian of the behavioral loss."""
-    settings = _jacobian_settings(stats)
-    output = settings.get("output", LOGITS)
-    if output != LOGITS:
-        return None, f"Jacobians were taken to {output!r}, not the logits: no K for W_U"
-    if settings.get("behavioral_loss", "mse") == "kl":
-        # E[diag(p) − ppᵀ] always annihilates the all-ones (logit shift) direction; its other
-        # eigenvalues are positive but unknown here: 1 stands in for them.
-        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.ones(d_vocab - 1, dtype=torch.float64)]), None
-    return torch.ones(d_vocab, dtype=torch.float64), None
+    if jac is None:
+        return None, "no Jacobians were collected: no K for W_U"
+    if jac.output != LOGITS:
+        return None, f"Jacobians were taken to {jac.output!r}, not the logits: no K for W_U"
+    return jac.behavioral_loss.logit_hessian_eigenvalues(d_vocab), None
 
 
 def degeneracy_report(
     model: torch.nn.Module,
     stats: Any,
     eps: float | None = None,
-    rtol: float = 1e-8,
+    rtol: float = DEFAULT_RTOL,
     *,
+    heads: SynchronizedHeads | None = None,
+    neurons: SynchronizedNeurons | None = None,
     head_threshold: float = 0.05,
     neuron_threshold: float = 1e-3,
 ) -> DegeneracyReport:
@@ -216,64 +239,56 @@ def degeneracy_report(
     Args:
         model: the model ``stats`` was collected on (shapes and ``W_V`` ranks).
         stats: from ``collect(model, data, degeneracy_hooks(model), jacobians=True,
-            head_sync=True, neuron_sync=True)``; whatever is missing is reported, not guessed.
+            observers=[HeadSync(), NeuronSync()])``; whatever is missing is reported, not guessed.
         eps: absolute loss scale for the K-FAC count ``#{g_i·k_j > eps}``. Default: ``rtol``
             × the largest ``g_i·k_j`` over all weight matrices.
         rtol: eigenvalues of ``G`` and ``K`` at most ``rtol`` × that matrix's largest count
-            as zero.
-        head_threshold, neuron_threshold: see ``synchronized_heads`` / ``synchronized_neurons``.
+            as zero (the package convention, ``linalg``).
+        heads, neurons: synchronisation results already computed (``synchronized_heads`` /
+            ``synchronized_neurons``); when absent they are computed here from ``stats`` at
+            ``head_threshold`` / ``neuron_threshold``. Either way they are not copied into the report.
     """
-    settings = _jacobian_settings(stats)
-    loss = settings.get("behavioral_loss", "mse")
+    jac = None if stats.run is None or stats.run.jacobians is None else JacobianConfig.from_dict(stats.run.jacobians)
+    loss = (jac.behavioral_loss if jac is not None else MSE()).name
     report = DegeneracyReport(rtol=float(rtol), eps=None, eps_meaning="", behavioral_loss=loss)
-    collected_on = stats.meta.get("model", {}).get("weights_sha256")
+    collected_on = None if stats.run is None else stats.run.model.get("weights_sha256")
     if collected_on is not None and collected_on != describe_model(model)["weights_sha256"]:
         report.notes.append("warning: the statistics were collected on a model with different weights "
                             "(checksum mismatch); counts below mix the two")
     eig_cache: dict[tuple[str, str, tuple | None], Tensor] = {}
 
-    def gram_eigs(hook: str, sl: tuple[int, int] | None) -> Tensor | None:
-        key = ("G", hook, sl)
+    def eigs(kind: str, hook: str, sl: tuple[int, int] | None) -> Tensor | None:
+        key = (kind, hook, sl)
         if key not in eig_cache:
             try:
-                G = stats.gram(hook)
+                matrix = stats.gram(hook) if kind == "G" else stats.jacobian_gram(hook)
             except KeyError:
                 return None
-            eig_cache[key] = _eigvals(G if sl is None else G[sl[0]:sl[1], sl[0]:sl[1]])
-        return eig_cache[key]
-
-    def jac_eigs(hook: str, sl: tuple[int, int] | None) -> Tensor | None:
-        key = ("K", hook, sl)
-        if key not in eig_cache:
-            try:
-                K = stats.jacobian_gram(hook)
-            except KeyError:
-                return None
-            eig_cache[key] = _eigvals(K if sl is None else K[sl[0]:sl[1], sl[0]:sl[1]])
+            eig_cache[key] = psd_eigenvalues(matrix if sl is None else matrix[sl[0]:sl[1], sl[0]:sl[1]])
         return eig_cache[key]
 
     pending: list[tuple[MatrixAccount, Tensor | None, Tensor | None]] = []
     for w in weight_matrices(model):
         acc = MatrixAccount(w.layer, w.name, w.head, w.input_hook, w.output_hook, w.d_in, w.d_out,
                             nominal=w.d_in * w.d_out)
-        g = gram_eigs(w.input_hook, w.in_slice)
+        g = eigs("G", w.input_hook, w.in_slice)
         if g is None:
             acc.missing.append(f"no activation Gram at {w.input_hook} (add it to collect's hooks)")
         else:
-            acc.g_threshold = _threshold(g, rtol)
-            acc.rank_G = _rank(g, acc.g_threshold)
+            acc.rank_G, cut = rank(g, rtol)
+            acc.g_threshold = cut.absolute
             acc.free_from_G = w.d_out * (w.d_in - acc.rank_G)
         if w.output_hook == LOGITS:
-            k, why = _unembed_K_eigs(stats, w.d_out)
+            k, why = _unembed_K_eigs(jac, w.d_out)
             if why:
                 acc.missing.append(why)
         else:
-            k = jac_eigs(w.output_hook, w.out_slice)
+            k = eigs("K", w.output_hook, w.out_slice)
             if k is None:
                 acc.missing.append(f"no Jacobian Gram at {w.output_hook} (collect it with jacobians=True)")
         if k is not None:
-            acc.k_threshold = _threshold(k, rtol)
-            acc.rank_K = _rank(k, acc.k_threshold)
+            acc.rank_K, cut = rank(k, rtol)
+            acc.k_threshold = cut.absolute
             acc.free_from_K = w.d_in * (w.d_out - acc.rank_K)
         if acc.rank_G is not None and acc.rank_K is not None:
             acc.free_combined = acc.nominal - acc.rank_G * acc.rank_K
@@ -296,8 +311,18 @@ def degeneracy_report(
         report.matrices.append(acc)
         report.missing += [f"{acc.label}: {m}" for m in acc.missing]
 
-    _add_synchronization(report, model, stats, head_threshold, neuron_threshold)
-    _add_totals(report, model)
+    groups = {group for group, _ in stats.accumulators}
+    if heads is None and HEAD_SYNC in groups:
+        heads = synchronized_heads(stats, head_threshold, model)
+    if neurons is None and NEURON_SYNC in groups:
+        neurons = synchronized_neurons(stats, threshold=neuron_threshold, model=model)
+    if heads is None:
+        report.missing.append("synchronized heads: not collected (collect with observers=[HeadSync()])")
+    if neurons is None and not getattr(model.cfg, "attn_only", False):
+        report.missing.append("synchronized neurons: not collected (collect with observers=[NeuronSync()])")
+    report.head_threshold = None if heads is None else heads.threshold
+    report.neuron_threshold = None if neurons is None else neurons.threshold
+    _add_totals(report, model, heads, neurons)
     report.notes += [
         f"G and K eigenvalues at or below rtol={rtol:g} × their matrix's largest count as zero; "
         "each matrix records the absolute threshold used (g_threshold, k_threshold).",
@@ -315,54 +340,39 @@ def degeneracy_report(
     return report
 
 
-def _add_synchronization(report: DegeneracyReport, model: torch.nn.Module, stats: Any,
-                         head_threshold: float, neuron_threshold: float) -> None:
-    groups = {group for group, _ in stats.accumulators}
-    if HEAD_SYNC in groups:
-        report.synchronized_heads = synchronized_heads(stats, head_threshold, model).to_dict()
-    else:
-        report.missing.append("synchronized heads: not collected (collect with head_sync=True)")
-    if NEURON_SYNC in groups:
-        report.synchronized_neurons = synchronized_neurons(stats, threshold=neuron_threshold, model=model).to_dict()
-    elif not getattr(model.cfg, "attn_only", False):
-        report.missing.append("synchronized neurons: not collected (collect with neuron_sync=True)")
-
-
 def _sum(values: list[int | None]) -> int:
     return sum(v for v in values if v is not None)
 
 
-def _add_totals(report: DegeneracyReport, model: torch.nn.Module) -> None:
-    heads = report.synchronized_heads or {}
-    neurons = report.synchronized_neurons or {}
-    head_free = {int(k): v for k, v in heads.get("freedoms_per_layer", {}).items()}
-    neuron_free = {int(k): v["added_freedoms"] for k, v in neurons.get("layers", {}).items()}
+def _add_totals(report: DegeneracyReport, model: torch.nn.Module, heads: SynchronizedHeads | None,
+                neurons: SynchronizedNeurons | None) -> None:
+    head_free = {} if heads is None else dict(heads.freedoms_per_layer)
+    neuron_free = {} if neurons is None else {l: s.added_freedoms for l, s in neurons.layers.items()}
     keys = ("nominal", "free_from_G", "free_from_K", "free_combined", "kfac_rank")
     by_layer: dict[str, list[MatrixAccount]] = {}
     for m in report.matrices:
         by_layer.setdefault("unembed" if m.layer is None else str(m.layer), []).append(m)
     for layer, mats in by_layer.items():
-        row: dict[str, Any] = {k: _sum([getattr(m, k) for m in mats]) for k in keys}
-        row["matrices_missing_counts"] = [m.label for m in mats if m.missing]
+        row = LayerTotals(**{k: _sum([getattr(m, k) for m in mats]) for k in keys},
+                          matrices_missing_counts=[m.label for m in mats if m.missing])
         if layer != "unembed":
-            row["synchronized_head_freedoms"] = head_free.get(int(layer))
-            row["synchronized_neuron_freedoms"] = neuron_free.get(int(layer))
+            row.synchronized_head_freedoms = head_free.get(int(layer))
+            row.synchronized_neuron_freedoms = neuron_free.get(int(layer))
         report.per_layer[layer] = row
-    t = {k: _sum([getattr(m, k) for m in report.matrices]) for k in keys}
-    t["nominal_weights"] = t.pop("nominal")
-    t["nominal_model"] = sum(p.numel() for p in model.parameters())
-    t["synchronized_head_freedoms"] = sum(head_free.values())
-    t["synchronized_neuron_freedoms"] = sum(neuron_free.values())
-    # The paper's generic d_head² per head for each of the W_QK and W_OV factorisations
-    # (GL(d_head) acting on both factors and their biases). Informational: these directions
-    # move biases too, which the nominal (weights-only) count leaves out, so they are not
-    # subtracted below; with biases held fixed d_head² − d_head of each remain (docs/kfac_vs_exact.md).
+    sums = {k: _sum([getattr(m, k) for m in report.matrices]) for k in keys}
     cfg = model.cfg
-    t["generic_head_freedoms"] = 2 * int(cfg.d_head) ** 2 * int(cfg.n_heads) * int(cfg.n_layers)
-    t["matrices_with_kfac"] = sum(m.kfac_rank is not None for m in report.matrices)
-    t["matrices"] = len(report.matrices)
-    # N_eff estimate: K-FAC rank of the covered matrices minus the synchronisation freedoms
-    # (which the per-matrix counts cannot see).
-    t["effective_parameters"] = max(0, t["kfac_rank"] - t["synchronized_head_freedoms"]
-                                    - t["synchronized_neuron_freedoms"])
-    report.totals = t
+    head_total, neuron_total = sum(head_free.values()), sum(neuron_free.values())
+    report.totals = Totals(
+        nominal_weights=sums["nominal"], nominal_model=sum(p.numel() for p in model.parameters()),
+        free_from_G=sums["free_from_G"], free_from_K=sums["free_from_K"], free_combined=sums["free_combined"],
+        kfac_rank=sums["kfac_rank"], synchronized_head_freedoms=head_total, synchronized_neuron_freedoms=neuron_total,
+        # The paper's generic d_head² per head for each of the W_QK and W_OV factorisations
+        # (GL(d_head) acting on both factors and their biases). Informational: these directions
+        # move biases too, which the nominal (weights-only) count leaves out, so they are not
+        # subtracted below; with biases held fixed d_head² − d_head of each remain (docs/kfac_vs_exact.md).
+        generic_head_freedoms=2 * int(cfg.d_head) ** 2 * int(cfg.n_heads) * int(cfg.n_layers),
+        matrices_with_kfac=sum(m.kfac_rank is not None for m in report.matrices), matrices=len(report.matrices),
+        # N_eff estimate: K-FAC rank of the covered matrices minus the synchronisation freedoms
+        # (which the per-matrix counts cannot see).
+        effective_parameters=max(0, sums["kfac_rank"] - head_total - neuron_total),
+    )

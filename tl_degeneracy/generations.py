@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import torch
@@ -78,6 +79,10 @@ def _weight_checksum(model: torch.nn.Module) -> tuple[float, float]:
     return total, squares
 
 
+# describe_model's cache, keyed weakly by the model (nothing is stored on the user's model).
+_DESCRIPTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+
+
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     """A JSON-able identity card: class, TL version, config, processing flags, weight checksum.
 
@@ -86,7 +91,7 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     model and recomputed only when a parameter is replaced or changed in place.
     """
     key = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-    cached = getattr(model, "_tl_degeneracy_description", None)
+    cached = _DESCRIPTIONS.get(model)
     if cached is not None and cached[0] == key:
         return dict(cached[1])
     total, squares = _weight_checksum(model)
@@ -100,10 +105,7 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
         "dtype": str(model_dtype(model)),
         "weights_sha256": digest,
     }
-    try:
-        object.__setattr__(model, "_tl_degeneracy_description", (key, description))
-    except Exception:  # a module that refuses new attributes: just don't cache
-        pass
+    _DESCRIPTIONS[model] = (key, description)
     return dict(description)
 
 

@@ -1,4 +1,4 @@
-"""Synchronized attention heads (MATH.md §4, paper §3.2 "Attention").
+"""Synchronized attention heads (docs/theory.md §4, paper §3.2 "Attention").
 
 Two heads of one layer are synchronized when their attention patterns agree on the data.
 Then the value/output maps of the two heads can exchange value directions (``W_V`` rows
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from einops import einsum
@@ -23,8 +23,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator
-from .batch_pass import Observer
-from .collect import OBSERVER_FACTORIES
+from .hook_names import act_name, layer_of
+from .linalg import DEFAULT_RTOL, matrix_rank
+from .observers import Contribution, LayerObserver
 
 HEAD_SYNC = "head_sync"
 Metric = Literal["tv", "squared"]
@@ -36,7 +37,7 @@ _CHUNK_ELEMENTS = 2**20
 
 
 def pattern_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
+    return act_name("pattern", layer)
 
 
 class HeadSyncAccumulator(AdditiveAccumulator):
@@ -84,46 +85,51 @@ class HeadSyncAccumulator(AdditiveAccumulator):
         return acc
 
 
-def head_sync_observer(model: torch.nn.Module, options: dict[str, Any]) -> Observer:
-    """Observer for ``collect(..., head_sync=True)`` (or ``head_sync=[layers]``)."""
-    value = options.get("value", True)
-    n_layers = int(model.cfg.n_layers)
-    if value is True:
-        layers = list(range(n_layers))
-    else:
-        layers = [int(value)] if isinstance(value, int) else [int(l) for l in value]
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"head_sync layers {bad} do not exist (the model has {n_layers} layers)")
-    hooks = [pattern_hook(l) for l in layers]
+@dataclass(frozen=True)
+class HeadSync(LayerObserver):
+    """Observer: per-layer sums for head synchronisation (``layers=None``: every layer)."""
 
-    def compute(cache: dict[str, Tensor], mask: Tensor) -> dict[tuple[str, str], AdditiveAccumulator]:
-        return {(HEAD_SYNC, name): HeadSyncAccumulator.from_batch(cache[name], mask) for name in hooks}
+    kind: ClassVar[str] = HEAD_SYNC
 
-    return Observer(hooks=hooks, compute=compute)
+    def hooks(self) -> list[str]:
+        return [pattern_hook(l) for l in self.layer_list]
 
-
-OBSERVER_FACTORIES["head_sync"] = head_sync_observer
+    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> Contribution:
+        return {(HEAD_SYNC, name): HeadSyncAccumulator.from_batch(cache[name], mask) for name in self.hooks()}
 
 
 # -- reading the sums --------------------------------------------------------------------------
 
 def _head_sync_layers(stats: Any) -> list[int]:
-    return sorted(int(name.split(".")[1]) for group, name in stats.accumulators if group == HEAD_SYNC)
+    return sorted(l for l in (layer_of(name) for name in stats.names(HEAD_SYNC)) if l is not None)
 
 
-def head_sync_matrices(stats: Any, layer: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class HeadSyncMatrices:
     """Per-pair head statistics of one layer (float64, ``n_heads × n_heads``).
 
-    Returns ``distance`` = ``D_hh' = E‖A_h − A_h'‖²`` over query rows (in [0, 2]),
-    ``tv`` = mean total-variation distance ``E ½‖A_h − A_h'‖₁`` (in [0, 1]),
-    ``gram`` = ``E⟨A_h, A_h'⟩`` and ``n`` (query rows seen).
+    ``distance`` = ``D_hh' = E‖A_h − A_h'‖²`` over query rows (in [0, 2]), ``tv`` = mean
+    total-variation distance ``E ½‖A_h − A_h'‖₁`` (in [0, 1]), ``gram`` = ``E⟨A_h, A_h'⟩``,
+    ``n`` = query rows seen.
     """
+
+    layer: int
+    distance: Float[Tensor, "head head"]
+    tv: Float[Tensor, "head head"]
+    gram: Float[Tensor, "head head"]
+    n: int
+
+    def metric(self, name: str) -> Float[Tensor, "head head"]:
+        return self.tv if name == "tv" else self.distance
+
+
+def head_sync_matrices(stats: Any, layer: int) -> HeadSyncMatrices:
+    """The head-synchronisation matrices of one layer from ``collect(..., observers=[HeadSync()])``."""
     key = (HEAD_SYNC, pattern_hook(layer))
     if key not in stats.accumulators:
         have = _head_sync_layers(stats)
-        raise KeyError(f"no head-synchronisation statistics for layer {layer}: collect with head_sync=True "
-                       f"(they exist for layers {have or 'none'})")
+        raise KeyError(f"no head-synchronisation statistics for layer {layer}: collect with "
+                       f"observers=[HeadSync()] (they exist for layers {have or 'none'})")
     acc = stats.accumulators[key]
     n = int(acc.tensors["n"])
     if n == 0:
@@ -132,7 +138,7 @@ def head_sync_matrices(stats: Any, layer: int) -> dict[str, Any]:
     diag = gram.diagonal()
     distance = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0.0)
     distance.fill_diagonal_(0.0)
-    return {"distance": distance, "tv": acc.tensors["tv"] / n, "gram": gram, "n": n}
+    return HeadSyncMatrices(layer, distance, acc.tensors["tv"] / n, gram, n)
 
 
 # -- blocks ------------------------------------------------------------------------------------
@@ -256,16 +262,16 @@ _MEANINGS = {
 def _d_head(stats: Any, model: torch.nn.Module | None) -> int:
     if model is not None:
         return int(model.cfg.d_head)
-    cfg = stats.meta.get("model", {}).get("cfg", {})
+    cfg = (stats.run.model if stats.run is not None else {}).get("cfg", {})
     if "d_head" not in cfg:
         raise ValueError("d_head is unknown: pass model= (the stats' metadata does not record it)")
     return int(cfg["d_head"])
 
 
-def value_ranks(model: torch.nn.Module, layer: int, rtol: float = 1e-8) -> list[int]:
-    """Rank of each head's ``W_V`` (``[d_model, d_head]``), singular values relative to the largest."""
+def value_ranks(model: torch.nn.Module, layer: int, rtol: float = DEFAULT_RTOL) -> list[int]:
+    """Rank of each head's ``W_V`` (``[d_model, d_head]``) under the package convention (``linalg``)."""
     W_V = model.blocks[layer].attn.W_V.detach().to(torch.float64)
-    return [int(torch.linalg.matrix_rank(w, rtol=rtol)) for w in W_V]
+    return [matrix_rank(w, rtol) for w in W_V]
 
 
 def synchronized_heads(
@@ -276,7 +282,7 @@ def synchronized_heads(
     metric: Metric = "tv",
     linkage: Linkage = "components",
     layers: Iterable[int] | None = None,
-    rank_rtol: float = 1e-8,
+    rank_rtol: float = DEFAULT_RTOL,
 ) -> SynchronizedHeads:
     """Blocks of mutually synchronized heads per layer and the free directions they add.
 
@@ -292,17 +298,16 @@ def synchronized_heads(
         raise ValueError(f"metric must be 'tv' or 'squared', got {metric!r}")
     chosen = _head_sync_layers(stats) if layers is None else [int(l) for l in layers]
     if not chosen:
-        raise KeyError("no head-synchronisation statistics: collect with head_sync=True")
+        raise KeyError("no head-synchronisation statistics: collect with observers=[HeadSync()]")
     d_head = _d_head(stats, model)
     result = SynchronizedHeads(
         threshold=float(threshold), metric=metric, linkage=linkage, meaning=_MEANINGS[metric],
-        rank_source=(f"rank of each head's W_V from the model (singular values > {rank_rtol:g}·largest)"
+        rank_source=(f"rank of each head's W_V from the model (σ² > {rank_rtol:g}·σ_max²)"
                      if model is not None else f"W_V assumed full rank (d_head = {d_head}); pass model= to rank-adjust"),
         layers=chosen,
     )
     for layer in chosen:
-        mats = head_sync_matrices(stats, layer)
-        dist = mats["tv" if metric == "tv" else "distance"]
+        dist = head_sync_matrices(stats, layer).metric(metric)
         ranks = value_ranks(model, layer, rank_rtol) if model is not None else [d_head] * dist.shape[0]
         total = 0
         for heads in blocks_below(dist, threshold, linkage):

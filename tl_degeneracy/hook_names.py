@@ -60,7 +60,8 @@ def _unknown(name: str, valid: list[str]) -> UnknownHookError:
     hint = f" Close valid names: {', '.join(close)}." if close else ""
     return UnknownHookError(
         f"unknown hook point {name!r}.{hint} "
-        f"(the model has {len(valid)} hook points; list them with model.hook_dict.keys())"
+        f"(the model has {len(valid)} hook points; list them with model.hook_dict.keys() or "
+        "`tl-degeneracy hooks [MODEL]`)"
     )
 
 
@@ -123,6 +124,21 @@ def enable_gated_hooks(model: torch.nn.Module, names: Iterable[str]) -> list[Cal
             method(True)
             undo.append(lambda method=method: method(False))
     return undo
+
+
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """TransformerLens's own hook naming (``get_act_name``): ``act_name("resid_pre", 3)`` →
+    ``blocks.3.hook_resid_pre``, ``act_name("normalized", 0, "ln1")``, ``act_name("normalized")``
+    → ``ln_final.hook_normalized``. Every hook name the package builds goes through here."""
+    from transformer_lens.utilities import get_act_name
+
+    return get_act_name(name, layer, layer_type)
+
+
+def residual_hooks(model: torch.nn.Module) -> list[str]:
+    """``hook_resid_pre`` of every block and the final ``hook_resid_post``: the residual stream."""
+    n_layers = int(model.cfg.n_layers)
+    return [act_name("resid_pre", l) for l in range(n_layers)] + [act_name("resid_post", n_layers - 1)]
 
 
 def layer_of(name: str) -> int | None:

@@ -1,11 +1,11 @@
-"""The interaction basis (MATH.md §5), fitted from the Grams in a ``Stats``.
+"""The interaction basis (docs/theory.md §5), fitted from the Grams in a ``Stats``.
 
 Per hook point, with ``G = Uᵀ D U`` and the Jacobian Gram ``M``:
 1. whiten:      ``f' = D₊^{-1/2} U₊ f``                      (``E[f' f'ᵀ] = I``)
 2. carry M:     ``M' = D₊^{1/2} U₊ M U₊ᵀ D₊^{1/2}``          (Jacobians transform inversely)
 3. rotate:      ``M' = Vᵀ Λ V``
 4. scale:       ``f̂ = Λ₊^{1/2} V₊ f'``, so ``C = Λ₊^{1/2} V₊ D₊^{-1/2} U₊``
-``₊`` keeps eigenvalues above ``rtol`` × the largest. With this ("lib") scaling
+``₊`` keeps eigenvalues above ``rtol`` × the largest (the package convention, ``linalg``). With this ("lib") scaling
 ``E[f̂ f̂ᵀ] = Λ`` and the Jacobian w.r.t. ``f̂`` is whitened: ``Λ_i`` is the behavioral-loss
 importance of direction ``i``. Fitted state is plain tensors: inspectable and saveable.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal
 
 import torch
@@ -21,6 +21,8 @@ from jaxtyping import Float
 from safetensors.torch import load_file
 from torch import Tensor
 
+from .config import JacobianConfig
+from .linalg import DEFAULT_RTOL, Threshold, symmetric_eigh, threshold
 from .stats import Stats, atomic_save_safetensors, read_safetensors_metadata
 
 Scaling = Literal["lib", "paper", "pca", "identity"]
@@ -28,16 +30,13 @@ FORMAT_VERSION = 1
 
 
 def _eigh_descending(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and eigenvectors as *rows*, of a symmetric float64 matrix."""
-    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return values.flip(0), vectors.flip(1).T
+    return symmetric_eigh(matrix)
 
 
 def _keep(values: Tensor, rtol: float, atol: float | None) -> tuple[Tensor, float]:
     """Mask of eigenvalues above the threshold, and the absolute threshold used."""
-    top = float(values.max()) if values.numel() else 0.0
-    threshold = atol if atol is not None else rtol * max(top, 0.0)
-    return values > threshold, threshold
+    cut = Threshold(rtol, float(atol)) if atol is not None else threshold(values, rtol)
+    return cut.keep(values), cut.absolute
 
 
 @dataclass
@@ -78,6 +77,15 @@ class LayerBasis:
         cumulative = torch.cumsum(self.eigenvalues, 0) / self.eigenvalues.sum()
         return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))) + 1
 
+    def fingerprint(self) -> str:
+        """A short hash of ``C`` and ``μ`` (names this basis in a run identity)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.C, self.mean):
+            h.update(t.detach().to(torch.float64).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def tensors(self) -> dict[str, Tensor]:
         return {"C": self.C, "C_pinv": self.C_pinv, "eigenvalues": self.eigenvalues,
                 "activation_eigenvalues": self.activation_eigenvalues,
@@ -95,13 +103,13 @@ def fit_layer(
     mean: Float[Tensor, " d"],
     *,
     center: bool = True,
-    rtol: float = 1e-8,
+    rtol: float = DEFAULT_RTOL,
     atol: float | None = None,
     interaction_rtol: float | None = None,
     scaling: Scaling = "lib",
     n_datapoints: int = 0,
 ) -> LayerBasis:
-    """MATH.md §5 at one hook. ``G`` is the centered covariance when ``center`` else ``S/n``."""
+    """docs/theory.md §5 at one hook. ``G`` is the centered covariance when ``center`` else ``S/n``."""
     G, mean = G.to(torch.float64), mean.to(torch.float64)
     d = G.shape[0]
     mu = mean if center else torch.zeros_like(mean)
@@ -167,7 +175,7 @@ class InteractionBasis:
         stats: Stats,
         hooks: Iterable[str] | None = None,
         center: bool = True,
-        rtol: float = 1e-8,
+        rtol: float = DEFAULT_RTOL,
         atol: float | None = None,
         interaction_rtol: float | None = None,
         scaling: Scaling = "lib",
@@ -192,8 +200,9 @@ class InteractionBasis:
             layers[hook] = fit_layer(hook, G, M, stats.mean(hook), center=center, rtol=rtol, atol=atol,
                                      interaction_rtol=interaction_rtol, scaling=scaling,
                                      n_datapoints=stats.n_datapoints(hook))
-        meta = {"model": stats.meta.get("model"), "n_tokens": stats.n_tokens,
-                "jacobians": stats.meta.get("jacobians"), "positions": stats.meta.get("positions"),
+        run = stats.run
+        meta = {"model": run.model if run else None, "n_tokens": stats.n_tokens,
+                "jacobians": run.jacobians if run else None, "positions": run.config.get("positions") if run else None,
                 "scaling": scaling, "center": center, "rtol": rtol, "atol": atol}
         return cls(layers, meta)
 
@@ -204,38 +213,40 @@ class InteractionBasis:
         data: Any,
         hooks: Iterable[str],
         center: bool = True,
-        rtol: float = 1e-8,
+        rtol: float = DEFAULT_RTOL,
         scaling: Scaling = "lib",
+        jacobians: JacobianConfig | None = None,
         **collect_kwargs: Any,
     ) -> "InteractionBasis":
         """The local variant (LIB paper, arXiv 2405.10928): the basis at each hook is fitted
         from Jacobians to the *next* hook's interaction-basis coordinates, the last hook's
-        from Jacobians to the model output, working from the last hook backwards. ``hooks``
-        are in forward order; one pass over ``data`` per hook. ``collect_kwargs`` go to
-        ``collect`` (``n_probes``/``exact``, ``positions``, ``batch_size``, ...); the last hook
-        uses ``output``/``output_positions`` from them, the others their successor's basis.
+        from Jacobians to ``jacobians.output`` (default the logits), working from the last
+        hook backwards. ``hooks`` are in forward order; one pass over ``data`` per hook.
+        ``jacobians`` sets probes/exact mode and the final output; ``collect_kwargs`` go to
+        ``collect`` (``positions``, ``batch_size``, ...).
         """
         from .collect import collect
 
         hooks = list(hooks)
-        final_output = collect_kwargs.pop("output", "logits")
-        final_positions = collect_kwargs.pop("output_positions", None)
+        final = jacobians or JacobianConfig()
         collect_kwargs.setdefault("progress", False)
         layers: dict[str, LayerBasis] = {}
-        output, transform, positions = final_output, None, final_positions
+        jac = final
         stats = None
         for hook in reversed(hooks):
-            stats = collect(model, data, hook, jacobians=True, output=output, output_transform=transform,
-                            output_positions=positions, **collect_kwargs)
+            stats = collect(model, data, hook, jacobians=jac, **collect_kwargs)
             G = stats.covariance(hook) if center else stats.gram(hook)
             layer = fit_layer(hook, G, stats.jacobian_gram(hook), stats.mean(hook), center=center, rtol=rtol,
                               scaling=scaling, n_datapoints=stats.n_datapoints(hook))
             layers[hook] = layer
-            output, transform, positions = hook, layer.transform, collect_kwargs.get("positions")
+            positions = collect_kwargs.get("positions")
+            jac = replace(final, output=hook, output_transform=layer.transform,
+                          output_transform_id=f"basis:{layer.fingerprint()}",
+                          output_positions=None if positions is None else positions)
         assert stats is not None
-        meta = {"model": stats.meta.get("model"), "n_tokens": stats.n_tokens, "jacobians": stats.meta.get("jacobians"),
-                "positions": stats.meta.get("positions"), "scaling": scaling, "center": center, "rtol": rtol,
-                "atol": None, "local": True}
+        meta = {"model": stats.run.model if stats.run else None, "n_tokens": stats.n_tokens,
+                "jacobians": final.to_dict(), "positions": collect_kwargs.get("positions"), "scaling": scaling,
+                "center": center, "rtol": rtol, "atol": None, "local": True}
         return cls({h: layers[h] for h in hooks}, meta)
 
     def transform(self, hook: str, f: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Synchronized MLP neurons (MATH.md §4, paper §3.2, eqs. 17–22).
+"""Synchronized MLP neurons (docs/theory.md §4, paper §3.2, eqs. 17–22).
 
 Firing pattern ``r = f/p`` (``= 1`` where ``p = 0``), ``p`` = ``mlp.hook_pre``, ``f`` =
 ``mlp.hook_post``. Neurons with the same firing pattern on the data form synchronized
@@ -14,26 +14,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator
-from .batch_pass import Observer
-from .collect import OBSERVER_FACTORIES
 from .head_sync import Linkage, blocks_below, worst_within
+from .hook_names import act_name, layer_of
+from .linalg import DEFAULT_RTOL, gram_rank
+from .observers import Contribution, LayerObserver
 
 NEURON_SYNC = "neuron_sync"
 
 
 def pre_hook(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_pre"
+    return act_name("pre", layer)
 
 
 def post_hook(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
+    return act_name("post", layer)
 
 
 class NeuronSyncAccumulator(AdditiveAccumulator):
@@ -70,53 +71,59 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
         })
 
 
-def neuron_sync_observer(model: torch.nn.Module, options: dict[str, Any]) -> Observer:
-    """Observer for ``collect(..., neuron_sync=True)`` (or ``neuron_sync=[layers]``)."""
-    if getattr(model.cfg, "attn_only", False):
-        raise ValueError("neuron_sync needs MLP layers; this model is attention-only")
-    value = options.get("value", True)
-    n_layers = int(model.cfg.n_layers)
-    if value is True:
-        layers = list(range(n_layers))
-    else:
-        layers = [int(value)] if isinstance(value, int) else [int(l) for l in value]
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"neuron_sync layers {bad} do not exist (the model has {n_layers} layers)")
-    hooks = [h for l in layers for h in (pre_hook(l), post_hook(l))]
+@dataclass(frozen=True)
+class NeuronSync(LayerObserver):
+    """Observer: per-MLP-layer sums for neuron synchronisation (``layers=None``: every layer)."""
 
-    def compute(cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> dict[tuple[str, str], AdditiveAccumulator]:
-        out: dict[tuple[str, str], AdditiveAccumulator] = {}
-        for l in layers:
+    kind: ClassVar[str] = NEURON_SYNC
+
+    def resolve(self, model: torch.nn.Module) -> "NeuronSync":
+        if getattr(model.cfg, "attn_only", False):
+            raise ValueError("NeuronSync needs MLP layers; this model is attention-only")
+        return super().resolve(model)  # type: ignore[return-value]
+
+    def hooks(self) -> list[str]:
+        return [h for l in self.layer_list for h in (pre_hook(l), post_hook(l))]
+
+    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> Contribution:
+        out: Contribution = {}
+        for l in self.layer_list:
             pre, post = cache[pre_hook(l)], cache[post_hook(l)]
             m = mask.to(pre.device)
             out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(pre[m], post[m])
         return out
 
-    return Observer(hooks=hooks, compute=compute)
-
-
-OBSERVER_FACTORIES["neuron_sync"] = neuron_sync_observer
-
 
 # -- reading the sums --------------------------------------------------------------------------
 
 def _neuron_sync_layers(stats: Any) -> list[int]:
-    return sorted(int(name.split(".")[1]) for group, name in stats.accumulators if group == NEURON_SYNC)
+    return sorted(l for l in (layer_of(name) for name in stats.names(NEURON_SYNC)) if l is not None)
 
 
-def neuron_sync_matrices(stats: Any, layer: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class NeuronSyncMatrices:
     """Per-pair neuron statistics of one MLP layer (float64).
 
     ``cost[i, j] = c_ij = E[((r_i − r_j) p_j)²] / E[f_j²]`` (NaN in column ``j`` when
     ``E[f_j²] = 0``), ``f2`` = ``E[f²]``, ``fires`` = datapoints with ``p > 0``,
-    ``preact_gram`` = ``E[p pᵀ]``, ``n``.
+    ``preact_gram`` = ``E[p pᵀ]``, ``n`` = datapoints.
     """
+
+    layer: int
+    cost: Float[Tensor, "d_mlp d_mlp"]
+    f2: Float[Tensor, " d_mlp"]
+    fires: Tensor
+    preact_gram: Float[Tensor, "d_mlp d_mlp"]
+    n: int
+
+
+def neuron_sync_matrices(stats: Any, layer: int) -> NeuronSyncMatrices:
+    """The neuron-synchronisation matrices of one layer from ``collect(..., observers=[NeuronSync()])``."""
     key = (NEURON_SYNC, pre_hook(layer))
     if key not in stats.accumulators:
         have = _neuron_sync_layers(stats)
         raise KeyError(f"no neuron-synchronisation statistics for layer {layer}: collect with "
-                       f"neuron_sync=True (they exist for layers {have or 'none'})")
+                       f"observers=[NeuronSync()] (they exist for layers {have or 'none'})")
     t = stats.accumulators[key].tensors
     n = int(t["n"])
     if n == 0:
@@ -125,14 +132,12 @@ def neuron_sync_matrices(stats: Any, layer: int) -> dict[str, Any]:
     num = (t["r2p2"] - 2 * t["rrp2"] + f2[None, :]).clamp_min(0.0)  # ≥ 0 up to rounding
     cost = num / f2[None, :]
     cost.fill_diagonal_(0.0)
-    return {"cost": cost, "f2": f2 / n, "fires": t["fires"].clone(), "preact_gram": t["S"] / n, "n": n}
+    return NeuronSyncMatrices(layer, cost, f2 / n, t["fires"].clone(), t["S"] / n, n)
 
 
 def span_dim(gram: Float[Tensor, "k k"], rtol: float) -> int:
-    """Rank of a Gram matrix: eigenvalues above ``rtol`` × the largest."""
-    eig = torch.linalg.eigvalsh(gram.to(torch.float64))
-    top = float(eig.max()) if eig.numel() else 0.0
-    return int((eig > rtol * top).sum()) if top > 0 else 0
+    """Rank of a Gram matrix under the package convention (``linalg``)."""
+    return gram_rank(gram, rtol)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -153,7 +158,7 @@ class NeuronLayerSync:
     blocks: list[NeuronBlock] = field(default_factory=list)
     d_live: int = 0
     sum_s_squared: int = 0  # Σ_a s_a² over all live neurons' blocks, singletons included (eq. 22)
-    sum_s_squared_minus_d: int = 0  # MATH.md §4: Σ s_a² − d (d = live neurons); can be < 0
+    sum_s_squared_minus_d: int = 0  # docs/theory.md §4: Σ s_a² − d (d = live neurons); can be < 0
     added_freedoms: int = 0  # Σ_blocks max(0, s_a² − |S_a|): what the degeneracy report adds
 
 
@@ -209,7 +214,7 @@ def synchronized_neurons(
     threshold: float = 1e-3,
     model: torch.nn.Module | None = None,
     *,
-    span_rtol: float = 1e-8,
+    span_rtol: float = DEFAULT_RTOL,
     linkage: Linkage = "components",
 ) -> SynchronizedNeurons:
     """Blocks of synchronized neurons, their ``s_a`` and ``Σ s_a² − d``, and dead neurons.
@@ -237,18 +242,18 @@ def synchronized_neurons(
     else:
         chosen = [int(l) for l in layer]
     if not chosen:
-        raise KeyError("no neuron-synchronisation statistics: collect with neuron_sync=True")
+        raise KeyError("no neuron-synchronisation statistics: collect with observers=[NeuronSync()]")
     result = SynchronizedNeurons(threshold=float(threshold), span_rtol=float(span_rtol), linkage=linkage,
                                  meaning=_MEANING)
     for l in chosen:
         mats = neuron_sync_matrices(stats, l)
-        cost, gram = mats["cost"], mats["preact_gram"]
+        cost, gram = mats.cost, mats.preact_gram
         d_mlp = cost.shape[0]
         if model is not None and int(model.cfg.d_mlp) != d_mlp:
             raise ValueError(f"the statistics have d_mlp = {d_mlp}, the model {model.cfg.d_mlp}")
-        dead = (mats["fires"] == 0).nonzero().flatten().tolist()
+        dead = (mats.fires == 0).nonzero().flatten().tolist()
         dead_set = set(dead)
-        live = [i for i in range(d_mlp) if i not in dead_set and float(mats["f2"][i]) > 0]
+        live = [i for i in range(d_mlp) if i not in dead_set and float(mats.f2[i]) > 0]
         # Live but silent (f ≡ 0 although p > 0 somewhere) cannot happen for ReLU/GELU.
         out = NeuronLayerSync(layer=l, d_mlp=d_mlp, dead=dead, d_live=len(live))
         in_blocks: set[int] = set()

@@ -42,12 +42,3 @@ def position_mask(
     if attention_mask is not None:
         mask &= attention_mask.to(device).bool()
     return mask
-
-
-def describe_positions(positions: PositionSpec) -> str | list[int]:
-    """A JSON-able description, used to check that a checkpoint matches a run."""
-    if positions is None:
-        return "all"
-    if isinstance(positions, Tensor):
-        return f"mask:{positions.shape}:{int(positions.sum())}:{hash(tuple(positions.flatten().tolist()))}"
-    return [int(positions)] if isinstance(positions, int) else [int(p) for p in positions]

@@ -7,8 +7,13 @@ point and exposes, in sae_lens's naming convention:
 and writes back ``μ + C⁺ f̂ + error``, i.e. exactly ``f`` unless a user hook edits
 ``hook_ib`` (``error_term=False`` drops the error: pure reconstruction).
 
-The new hook points are registered with the model, so ``run_with_hooks``, ``run_with_cache``
-and ``hooks()`` see them, forwards and backwards, on TL 3.x and TL 4.x.
+The new hook points become children of the spliced hook point and are registered by
+TransformerLens's own module scan (``setup()`` on a HookedRootModule, the bridge's hook-registry
+scan on a TransformerBridge), as TransformerLens's SAE splicing does, so ``run_with_hooks``,
+``run_with_cache`` and ``hooks()`` see them, forwards and backwards, and they survive the
+bridge rebuilding its registry (``enable_compatibility_mode()``). Nothing is stored on the
+model besides these modules: ``splice_into`` returns ``SpliceHandle``s, and ``unsplice`` finds
+splices by scanning the model's modules.
 
 TL 4.x trap handled here: on a TransformerBridge ``hook_resid_mid`` is ``ln2.hook_in``, so an
 edit there reaches only the MLP input. The splice adds the same change at ``hook_mlp_out``
@@ -25,7 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from .generations import describe_model
+from .hook_names import act_name
 from .interaction_basis import InteractionBasis, LayerBasis
+
+
+SPLICE_MODULE = "ib_splice"
+POINTS = ("hook_ib", "hook_ib_error")
 
 
 def _hook_point_class():
@@ -35,18 +45,23 @@ def _hook_point_class():
 
 
 class BasisSplice(nn.Module):
-    def __init__(self, layer: LayerBasis, error_term: bool = True, dtype: torch.dtype = torch.float32):
+    """``f ↦ μ + C⁺ hook_ib(C (f − μ)) + hook_ib_error(…)``, with the basis as buffers."""
+
+    def __init__(self, layer: LayerBasis, hook_ib: nn.Module, hook_ib_error: nn.Module, error_term: bool = True,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        HookPoint = _hook_point_class()
-        self.hook_ib = HookPoint()
-        self.hook_ib_error = HookPoint()
+        # A tuple, not attributes: the hook points are registered as children of the spliced
+        # hook point (so the module scan names them {hook}.hook_ib), not of this module.
+        self._points = (hook_ib, hook_ib_error)
         self.error_term = error_term
         self.register_buffer("C", layer.C.to(dtype))
         self.register_buffer("C_pinv", layer.C_pinv.to(dtype))
         self.register_buffer("mean", layer.mean.to(dtype))
         self.last_delta: Tensor | None = None  # f_out − f, for the bridge's resid_mid skip path
+        self.handle: SpliceHandle | None = None
 
     def forward(self, f: Tensor) -> Tensor:
+        hook_ib, hook_ib_error = self._points
         shape = f.shape
         flat = f.reshape(*shape[:2], -1)
         if flat.shape[-1] != self.C.shape[1]:
@@ -57,29 +72,40 @@ class BasisSplice(nn.Module):
         coords = centered @ C.T
         # The error is taken *before* user hooks see f̂ (they may edit it in place); unedited,
         # the same matmul gives the same recon, so recon + error == f − μ to rounding.
-        error = self.hook_ib_error(centered - coords @ C_pinv.T)
-        recon = self.hook_ib(coords) @ C_pinv.T
+        error = hook_ib_error(centered - coords @ C_pinv.T)
+        recon = hook_ib(coords) @ C_pinv.T
         out = mean + recon + (error if self.error_term else 0.0)
         return out.reshape(shape)
 
 
-def _register_hook_point(model: nn.Module, name: str, hook_point: nn.Module) -> None:
-    hook_point.name = name
-    registry = getattr(model, "_hook_registry", None)
-    if isinstance(registry, dict):  # TransformerBridge: hook_dict is a view over this registry
-        registry[name] = hook_point
-    else:  # HookedRootModule: plain dicts built by setup()
-        model.hook_dict[name] = hook_point
-        model.mod_dict[name] = hook_point
+def _is_bridge(model: nn.Module) -> bool:
+    return hasattr(model, "clear_hook_registry") and hasattr(model, "_initialize_hook_registry")
 
 
-def _unregister_hook_point(model: nn.Module, name: str) -> None:
-    registry = getattr(model, "_hook_registry", None)
-    if isinstance(registry, dict):
-        registry.pop(name, None)
+def _rescan(model: nn.Module) -> None:
+    """Let TransformerLens find the hook points again (as after splicing an SAE)."""
+    if _is_bridge(model):
+        model.clear_hook_registry()
+        model._initialize_hook_registry()
     else:
-        model.hook_dict.pop(name, None)
-        model.mod_dict.pop(name, None)
+        model.setup()
+
+
+def _set_aliases(model: nn.Module, add: dict[str, str], remove: list[str]) -> None:
+    """On a bridge, the user's names ``{hook}.hook_ib`` as aliases of the scanned canonical ones.
+
+    The bridge's ``hook_aliases`` (a class-level dict) is copied to the instance first, so other
+    models are untouched; the aliases survive ``enable_compatibility_mode()``.
+    """
+    aliases = {k: v for k, v in dict(model.hook_aliases).items() if k not in remove}
+    aliases.update(add)
+    for name in remove:  # what the bridge's own alias registration made of them
+        model.__dict__.pop(name, None)
+        getattr(model, "_hook_alias_registry", {}).pop(name, None)
+    if aliases == type(model).hook_aliases:
+        model.__dict__.pop("hook_aliases", None)
+    else:
+        object.__setattr__(model, "hook_aliases", aliases)
 
 
 def _bridge_resid_mid_partner(model: nn.Module, hook: str) -> str | None:
@@ -90,41 +116,64 @@ def _bridge_resid_mid_partner(model: nn.Module, hook: str) -> str | None:
     canonical = getattr(model.hook_dict[hook], "name", hook)
     if canonical == hook:
         return None  # HookedTransformer: resid_mid really is the residual stream
-    return f"blocks.{match.group(1)}.hook_mlp_out"
+    return act_name("mlp_out", int(match.group(1)))
 
 
-class _Spliced:
-    def __init__(self, model: nn.Module, hook: str, module: BasisSplice):
-        self.model, self.hook, self.module = model, hook, module
-        self.handles = []
-        self.names = [f"{hook}.hook_ib", f"{hook}.hook_ib_error"]
+class SpliceHandle:
+    """One spliced hook point; ``remove()`` restores the model exactly."""
+
+    def __init__(self, model: nn.Module, hook: str, layer: LayerBasis, error_term: bool):
+        self.model, self.hook = model, hook
+        self.names = [f"{hook}.{p}" for p in POINTS]
         target = model.hook_dict[hook]
-        target.add_module("ib_splice", module)  # moves with model.to(...), shows in named_modules
+        HookPoint = _hook_point_class()
+        points = (HookPoint(), HookPoint())
+        param = next(model.parameters())
+        self.module = BasisSplice(layer, *points, error_term=error_term, dtype=param.dtype).to(param.device)
+        for name, point in zip(POINTS, points):
+            target.add_module(name, point)
+        target.add_module(SPLICE_MODULE, self.module)  # moves with model.to(...), shows in named_modules
+        self.module.handle = self  # so unsplice(model) finds every handle by scanning modules
+        self._handles = []
+        module = self.module
+        partner = _bridge_resid_mid_partner(model, hook)
 
         def run_splice(_mod, _inp, out):
             new = module(out)
             module.last_delta = new - out if partner else None
             return new
 
-        partner = _bridge_resid_mid_partner(model, hook)
-        self.handles.append(target.register_forward_hook(run_splice))
+        self._handles.append(target.register_forward_hook(run_splice))
         if partner is not None:
             def add_delta(_mod, _inp, out):
                 delta, module.last_delta = module.last_delta, None
                 return out if delta is None else out + delta
 
-            self.handles.append(model.hook_dict[partner].register_forward_hook(add_delta))
-        _register_hook_point(model, self.names[0], module.hook_ib)
-        _register_hook_point(model, self.names[1], module.hook_ib_error)
+            self._handles.append(model.hook_dict[partner].register_forward_hook(add_delta))
+        self._target = target
+        self._aliases: dict[str, str] = {}
+
+    def _register(self) -> None:
+        if _is_bridge(self.model):
+            canonical = self._target.name
+            if canonical and canonical != self.hook:
+                self._aliases = {f"{self.hook}.{p}": f"{canonical}.{p}" for p in POINTS}
+                _set_aliases(self.model, self._aliases, [])
 
     def remove(self) -> None:
-        for handle in self.handles:
+        """Undo this splice (idempotent)."""
+        for handle in self._handles:
             handle.remove()
-        for name in self.names:
-            _unregister_hook_point(self.model, name)
-        target = self.model.hook_dict[self.hook]
-        if "ib_splice" in target._modules:
-            del target._modules["ib_splice"]
+        self._handles = []
+        for name in (*POINTS, SPLICE_MODULE):
+            self._target._modules.pop(name, None)
+        if self._aliases:
+            _set_aliases(self.model, {}, list(self._aliases))
+            self._aliases = {}
+        _rescan(self.model)
+
+    def __repr__(self) -> str:
+        return f"SpliceHandle({self.hook!r}, k={self.module.C.shape[0]})"
 
 
 def check_basis_fits(model: nn.Module, basis: InteractionBasis) -> None:
@@ -143,43 +192,42 @@ def check_basis_fits(model: nn.Module, basis: InteractionBasis) -> None:
                       stacklevel=3)
 
 
+def _spliced_targets(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "_modules", {}).get(SPLICE_MODULE), BasisSplice)]
+
+
 def splice_into(model: nn.Module, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
-                error_term: bool = True) -> list[_Spliced]:
-    """Permanently splice ``basis`` into ``model`` (undo with ``unsplice(model)``)."""
+                error_term: bool = True) -> list[SpliceHandle]:
+    """Splice ``basis`` into ``model`` until ``handle.remove()`` or ``unsplice(model)``."""
     if isinstance(basis, InteractionBasis):
         check_basis_fits(model, basis)
     layers = [basis] if isinstance(basis, LayerBasis) else [basis[h] for h in (hooks or basis.hooks)]
-    existing = getattr(model, "_tl_degeneracy_splices", [])
-    taken = {s.hook for s in existing}
-    dtype = next(model.parameters()).dtype
-    made = []
     for layer in layers:
         if layer.hook not in model.hook_dict:
             raise KeyError(f"the basis has hook {layer.hook!r}, which this model does not have; "
                            "was it fitted on another model?")
-        if layer.hook in taken:
-            raise ValueError(f"{layer.hook} already has a basis spliced in; unsplice(model) first")
-        module = BasisSplice(layer, error_term=error_term, dtype=dtype).to(next(model.parameters()).device)
-        made.append(_Spliced(model, layer.hook, module))
-    model._tl_degeneracy_splices = existing + made
+        if SPLICE_MODULE in model.hook_dict[layer.hook]._modules:
+            raise ValueError(f"{layer.hook} already has a basis spliced in; remove it first (unsplice(model))")
+    made = [SpliceHandle(model, layer.hook, layer, error_term) for layer in layers]
+    _rescan(model)
+    for handle in made:
+        handle._register()
     return made
 
 
 def unsplice(model: nn.Module) -> None:
     """Remove every spliced basis; the model is exactly as before."""
-    for spliced in reversed(getattr(model, "_tl_degeneracy_splices", [])):
-        spliced.remove()
-    model._tl_degeneracy_splices = []
+    for target in _spliced_targets(model):
+        target._modules[SPLICE_MODULE].handle.remove()
 
 
 @contextlib.contextmanager
 def splice(model: nn.Module, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
-           error_term: bool = True) -> Iterator[nn.Module]:
-    """``with splice(model, basis): ...`` — the basis is spliced in inside the block only."""
+           error_term: bool = True) -> Iterator[list[SpliceHandle]]:
+    """``with splice(model, basis) as handles: ...`` — the basis is spliced in inside the block only."""
     made = splice_into(model, basis, hooks, error_term)
     try:
-        yield model
+        yield made
     finally:
-        for spliced in reversed(made):
-            spliced.remove()
-        model._tl_degeneracy_splices = [s for s in model._tl_degeneracy_splices if s not in made]
+        for handle in reversed(made):
+            handle.remove()

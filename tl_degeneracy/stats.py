@@ -7,11 +7,11 @@ written atomically, so a crash mid-write leaves the previous file intact.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,8 +21,51 @@ from torch import Tensor
 
 from .accumulators import ACCUMULATOR_KINDS, AdditiveAccumulator, GramAccumulator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ACTIVATIONS, JACOBIANS = "activations", "jacobians"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run was: the model's identity card, its ``RunConfig.to_dict()`` and the tokenizer.
+
+    ``identity()`` is what a resume or a merge must match exactly.
+    """
+
+    model: dict[str, Any]
+    config: dict[str, Any]
+    tokenizer: str | None = None
+    package_version: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "tokenizer": self.tokenizer, **self.config}
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.config.get("hooks", []))
+
+    @property
+    def jacobians(self) -> dict[str, Any] | None:
+        """The recorded ``JacobianConfig.to_dict()``, or None."""
+        return self.config.get("jacobians")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        return cls(**data)
+
+
+@dataclass
+class Progress:
+    """Where a (possibly interrupted) run stands: batches and tokens consumed over all ranks,
+    and a chained SHA-256 of the token ids of every batch consumed (resume re-reads and checks it)."""
+
+    batches_seen: int = 0
+    tokens_seen: int = 0
+    data_sha256: str = ""
+    world_size: int = 1
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
@@ -49,23 +92,26 @@ def read_safetensors_metadata(path: str | os.PathLike, key: str = "tl_degeneracy
 
 
 class Stats:
-    """Accumulators keyed by ``(group, name)`` and the metadata of the run that filled them.
+    """Accumulators keyed by ``(group, name)`` and the record of the run that filled them.
 
     Groups: ``"activations"`` and ``"jacobians"`` (a ``GramAccumulator`` per hook, keyed by
-    the hook name the user asked for), and further groups added by other collectors.
+    the hook name the user asked for), and one group per observer kind (``"head_sync"``, ...).
+    ``run`` is the ``RunRecord``; ``progress`` says how far the run got (None after a merge).
     """
 
     def __init__(self, accumulators: dict[tuple[str, str], AdditiveAccumulator] | None = None,
-                 meta: dict[str, Any] | None = None):
+                 run: RunRecord | None = None, *, n_tokens: int = 0, n_batches: int = 0,
+                 progress: Progress | None = None):
         self.accumulators: dict[tuple[str, str], AdditiveAccumulator] = dict(accumulators or {})
-        self.meta: dict[str, Any] = dict(meta or {})
-        self.meta.setdefault("n_tokens", 0)
-        self.meta.setdefault("n_batches", 0)
+        self.run = run
+        self.n_tokens = int(n_tokens)  # tokens (non-padding positions) this object's sums cover
+        self.n_batches = int(n_batches)
+        self.progress = progress
 
     # -- reading ---------------------------------------------------------------------------------
     def _names(self, group: str) -> list[str]:
         have = [name for g, name in self.accumulators if g == group]
-        asked = [h for h in self.meta.get("hooks", []) if h in have]  # the order the user gave
+        asked = [h for h in (self.run.hooks if self.run else []) if h in have]  # the order the user gave
         return asked + [h for h in have if h not in asked]
 
     @property
@@ -77,14 +123,12 @@ class Stats:
     def jacobian_hooks(self) -> list[str]:
         return self._names(JACOBIANS)
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens (non-padding positions) run through the model."""
-        return int(self.meta["n_tokens"])
+    def groups(self) -> set[str]:
+        return {g for g, _ in self.accumulators}
 
-    @property
-    def n_batches(self) -> int:
-        return int(self.meta["n_batches"])
+    def names(self, group: str) -> list[str]:
+        """Names with accumulators in ``group`` (e.g. an observer's kind)."""
+        return self._names(group)
 
     def accumulator(self, group: str, name: str) -> AdditiveAccumulator:
         try:
@@ -115,7 +159,7 @@ class Stats:
         return self._gram(hook).n
 
     def jacobian_gram(self, hook: str) -> Float[Tensor, "d d"]:
-        """Jacobian Gram ``M = 1/n Σ Jᵀ J`` (float64); exact or probe estimate, see ``meta``."""
+        """Jacobian Gram ``M = 1/n Σ Jᵀ H J`` (float64); exact or probe estimate, see ``run``."""
         if (JACOBIANS, hook) not in self.accumulators:
             raise KeyError(
                 f"no Jacobian statistics for {hook!r}: collect with jacobians=True "
@@ -123,33 +167,42 @@ class Stats:
             )
         return self._gram(hook, JACOBIANS).gram
 
-    def head_sync(self, layer: int) -> dict:
-        """Head-synchronisation matrices of one layer (``collect(..., head_sync=True)``)."""
-        from .head_sync import head_sync_matrices
-
-        return head_sync_matrices(self, layer)
-
-    def neuron_sync(self, layer: int) -> dict:
-        """Neuron-synchronisation sums of one MLP layer (``collect(..., neuron_sync=True)``)."""
-        from .neuron_sync import neuron_sync_matrices
-
-        return neuron_sync_matrices(self, layer)
-
     # -- algebra ---------------------------------------------------------------------------------
-    def merge(self, other: "Stats") -> "Stats":
-        """Stats over the union of both runs' data (sums add; metadata must agree)."""
-        mine = {k: v for k, v in self.meta.items() if k not in ("n_tokens", "n_batches", "progress")}
-        theirs = {k: v for k, v in other.meta.items() if k not in ("n_tokens", "n_batches", "progress")}
+    def _check_mergeable(self, other: "Stats") -> None:
+        if not isinstance(other, Stats):
+            raise TypeError(f"can only merge Stats, got {type(other).__name__}")
+        mine = None if self.run is None else self.run.identity()
+        theirs = None if other.run is None else other.run.identity()
         if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            diff = sorted(k for k in set(mine or {}) | set(theirs or {})
+                          if (mine or {}).get(k) != (theirs or {}).get(k))
             raise ValueError(f"cannot merge Stats collected differently; they differ in {diff}")
         if set(self.accumulators) != set(other.accumulators):
             raise ValueError("cannot merge Stats with different hooks or collectors")
-        merged = Stats({k: acc.merge(other.accumulators[k]) for k, acc in self.accumulators.items()},
-                       copy.deepcopy(self.meta))
-        merged.meta["n_tokens"] = self.n_tokens + other.n_tokens
-        merged.meta["n_batches"] = self.n_batches + other.n_batches
-        merged.meta.pop("progress", None)
+
+    def merge(self, other: "Stats") -> None:
+        """Add ``other``'s sums into this object, **in place** (like ``dict.update``: returns None).
+
+        For a new object use ``a + b``. The two must come from the same run configuration
+        over disjoint data.
+        """
+        self._check_mergeable(other)
+        for key, acc in self.accumulators.items():
+            acc.add_(other.accumulators[key])
+        self.n_tokens += other.n_tokens
+        self.n_batches += other.n_batches
+        self.progress = None  # a merge of two data streams has no single resume point
+
+    def __iadd__(self, other: "Stats") -> "Stats":
+        self.merge(other)
+        return self
+
+    def __add__(self, other: "Stats") -> "Stats":
+        """A new ``Stats`` over both data sets; neither operand changes."""
+        self._check_mergeable(other)
+        merged = Stats({k: acc.copy() for k, acc in self.accumulators.items()}, self.run,
+                       n_tokens=self.n_tokens, n_batches=self.n_batches)
+        merged.merge(other)
         return merged
 
     def all_reduce(self, group=None) -> "Stats":
@@ -161,7 +214,7 @@ class Stats:
         device = next(iter(self.accumulators.values())).tensors["n"].device if self.accumulators else "cpu"
         counts = torch.tensor([self.n_tokens, self.n_batches], dtype=torch.int64, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        self.meta["n_tokens"], self.meta["n_batches"] = int(counts[0]), int(counts[1])
+        self.n_tokens, self.n_batches = int(counts[0]), int(counts[1])
         return self
 
     # -- disk ------------------------------------------------------------------------------------
@@ -170,23 +223,28 @@ class Stats:
         kinds: dict[str, str] = {}
         for (group, name), acc in self.accumulators.items():
             kinds[f"{group}/{name}"] = acc.kind
-            for field, tensor in acc.state_dict().items():
-                tensors[f"{group}/{name}/{field}"] = tensor
-        meta = {"format_version": FORMAT_VERSION, **self.meta, "accumulators": kinds}
+            for field_name, tensor in acc.state_dict().items():
+                tensors[f"{group}/{name}/{field_name}"] = tensor
+        meta = {"format_version": FORMAT_VERSION, "run": None if self.run is None else self.run.to_dict(),
+                "n_tokens": self.n_tokens, "n_batches": self.n_batches,
+                "progress": None if self.progress is None else asdict(self.progress), "accumulators": kinds}
         atomic_save_safetensors(tensors, {"tl_degeneracy": json.dumps(meta)}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Stats":
         meta = read_safetensors_metadata(path)
-        kinds = meta.pop("accumulators")
-        meta.pop("format_version", None)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has statistics format {meta.get('format_version')!r}; this version of "
+                             f"tl_degeneracy reads format {FORMAT_VERSION}. Collect them again.")
         tensors = load_file(str(path), device=str(device))
         accumulators: dict[tuple[str, str], AdditiveAccumulator] = {}
-        for key, kind in kinds.items():  # JSON keeps insertion order: collection order survives
+        for key, kind in meta["accumulators"].items():  # JSON keeps insertion order: collection order survives
             group, name = key.split("/", 1)
             acc_cls = ACCUMULATOR_KINDS[kind]
             accumulators[(group, name)] = acc_cls({f: tensors[f"{key}/{f}"] for f in acc_cls.fields})
-        return cls(accumulators, meta)
+        run = None if meta.get("run") is None else RunRecord.from_dict(meta["run"])
+        progress = None if meta.get("progress") is None else Progress(**meta["progress"])
+        return cls(accumulators, run, n_tokens=meta["n_tokens"], n_batches=meta["n_batches"], progress=progress)
 
     def __repr__(self) -> str:
         groups: dict[str, int] = {}

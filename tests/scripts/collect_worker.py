@@ -11,7 +11,7 @@ import time
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.toy_models import tiny_model
+from tl_degeneracy.testing import tiny_model
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.mlp.hook_post"]
 

@@ -1,4 +1,6 @@
-"""Models that need no hub: tiny random transformers and the grokked modular-addition net.
+"""Models for tests, examples and benchmarks (``numpy.testing``-style: not the analysis API).
+
+Tiny random transformers and the grokked modular-addition net, none of which needs a hub.
 
 Weights are drawn as a HookedTransformer-format state dict from a seeded generator, then
 loaded into whichever TransformerLens generation is installed (see ``generations``), so the
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .generations import model_from_tl_state_dict
+from ..generations import model_from_tl_state_dict
 
 
 def tiny_config(
@@ -86,20 +88,14 @@ def tiny_model(
     return model_from_tl_state_dict(cfg, random_tl_state_dict(cfg, seed), dtype=dtype, device=device)
 
 
-# --- the grokked modular-addition transformer in ../shared/fixtures --------------------------
+# --- the grokked modular-addition transformer (shipped in ./modadd_rib_seed0) ----------------
 
 MODADD_CONFIG: dict[str, Any] = dict(
     n_layers=1, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=114, n_ctx=3,
     act_fn="relu", normalization_type=None,
 )
 MODADD_P = 113
-
-
-def default_modadd_dir() -> Path:
-    """``$TL_DEGENERACY_SHARED/fixtures/modadd-rib-seed0``, else ``<repo>/../shared/...``."""
-    shared = os.environ.get("TL_DEGENERACY_SHARED")
-    root = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
-    return root / "fixtures" / "modadd-rib-seed0"
+MODADD_DIR = Path(__file__).resolve().parent / "modadd_rib_seed0"  # RIB's checkpoint, MIT (see LICENSE there)
 
 
 def modadd_model(
@@ -107,14 +103,14 @@ def modadd_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
-    """The modular-addition transformer (``(a + b) mod 113``; inputs ``[a, b, 113]``)."""
-    folder = Path(path) if path is not None else default_modadd_dir()
+    """The modular-addition transformer (``(a + b) mod 113``; inputs ``[a, b, 113]``).
+
+    ``path``: a folder holding ``model_epoch_60000.pt`` (default: the copy shipped with the package).
+    """
+    folder = Path(path) if path is not None else MODADD_DIR
     weights = folder / "model_epoch_60000.pt"
     if not weights.exists():
-        raise FileNotFoundError(
-            f"modular-addition fixture not found at {weights}; set TL_DEGENERACY_SHARED to the "
-            "folder holding fixtures/modadd-rib-seed0"
-        )
+        raise FileNotFoundError(f"modular-addition checkpoint not found at {weights}")
     state_dict = torch.load(weights, map_location="cpu", weights_only=True)
     return model_from_tl_state_dict(MODADD_CONFIG, state_dict, dtype=dtype, device=device)
 

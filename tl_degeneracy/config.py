@@ -1,0 +1,240 @@
+"""The configuration of a collection run: frozen, validated, and what the checkpoint records.
+
+``JacobianConfig`` says how Jacobian Grams ``M`` are taken (output, behavioural loss, probes
+or exact mode); ``RunConfig`` says what one pass over the data accumulates (hooks,
+positions, batching, Jacobians, observers). Both validate on construction and describe
+themselves with ``to_dict()``: that dictionary is the run's identity in a checkpoint, in
+``Stats.run`` and in ``report.json``, so a resumed run is refused whenever any field differs.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .hook_names import HookSpec, resolve_hooks
+from .losses import MSE, BehavioralLoss, as_loss
+from .observers import Observer
+from .positions import PositionSpec
+
+OutputSpec = Union[str, Callable[[Tensor], Tensor]]
+DEFAULT_PROBES = 4
+LOGITS = "logits"
+
+
+class ProbeKind(str, Enum):
+    """Distribution of the noise ``ξ`` in a probe ``v = B ξ`` (any with ``E[ξ ξᵀ] = I`` works)."""
+
+    RADEMACHER = "rademacher"  # ±1: the lowest-variance choice for the Gram's diagonal
+    GAUSSIAN = "gaussian"
+
+
+def _positive_int(value: Any, what: str, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.{(' ' + hint) if hint else ''}")
+    return int(value)
+
+
+def _int_tuple(value: int | Sequence[int] | None, what: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        raise TypeError(f"{what} must be an int or a list of ints (e.g. [-1]), not a tensor")
+    items = [value] if isinstance(value, int) else list(value)
+    if not items or any(isinstance(p, bool) or not isinstance(p, int) for p in items):
+        raise ValueError(f"{what} must be an int or a non-empty list of ints, got {value!r}")
+    return tuple(int(p) for p in items)
+
+
+def describe_callable(fn: Callable | None) -> str | None:
+    if fn is None:
+        return None
+    return "callable:" + getattr(fn, "__qualname__", getattr(fn, "__name__", type(fn).__name__))
+
+
+@dataclass(frozen=True)
+class JacobianConfig:
+    """How the Jacobian Gram ``M = 1/n Σ Jᵀ H J`` is taken (docs/theory.md §2).
+
+    Args:
+        n_probes: random probes ``v = B ξ`` per batch (default 4). Must be a positive
+            integer; ask for ``exact=True`` to loop over every output component instead.
+        exact: one backward pass per output component (the reference the estimator is
+            tested against; ``positions × d_vocab`` passes per batch on logits).
+        output: ``"logits"``, a hook name (local analysis up to that hook) or a callable on
+            the logits returning ``[batch, pos, d]``.
+        output_positions: output positions kept (e.g. ``[-1]``); not with a callable output.
+        loss: the behavioural loss, ``"mse"`` (paper default), ``"kl"`` or a ``BehavioralLoss``.
+        probe: ``"rademacher"`` or ``"gaussian"`` noise.
+        seed: probes of batch ``i`` are drawn from a generator seeded by ``(seed, i)``.
+        probe_chunk: probes per vmapped backward pass (memory, not results).
+        output_transform: with ``output`` a hook, a map applied to its ``[batch, pos, d]``
+            activation first (``InteractionBasis.fit_local``); ``output_transform_id`` names
+            it in the run identity (a hash of the basis), since a function cannot be compared.
+    """
+
+    n_probes: int | None = None
+    exact: bool = False
+    output: OutputSpec = LOGITS
+    output_positions: int | Sequence[int] | None = None
+    loss: str | BehavioralLoss = field(default_factory=MSE)
+    probe: ProbeKind | str = ProbeKind.RADEMACHER
+    seed: int = 0
+    probe_chunk: int = 16
+    output_transform: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
+    output_transform_id: str | None = None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.exact:
+            if self.n_probes is not None:
+                raise ValueError(f"exact=True loops over every output component; n_probes={self.n_probes!r} "
+                                 "would be ignored. Pass either n_probes or exact=True, not both.")
+        else:
+            n = DEFAULT_PROBES if self.n_probes is None else self.n_probes
+            put("n_probes", _positive_int(n, "n_probes", "For exact Jacobian Grams pass exact=True."))
+        put("loss", as_loss(self.loss))
+        try:
+            put("probe", ProbeKind(self.probe))
+        except ValueError:
+            raise ValueError(f"probe must be one of {[k.value for k in ProbeKind]}, got {self.probe!r}") from None
+        put("output_positions", _int_tuple(self.output_positions, "output_positions"))
+        put("probe_chunk", _positive_int(self.probe_chunk, "probe_chunk"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not (isinstance(self.output, str) or callable(self.output)):
+            raise TypeError(f"output must be 'logits', a hook name or a callable, got {type(self.output).__name__}")
+        if callable(self.output) and self.output_positions is not None:
+            raise ValueError("output_positions cannot be applied to a callable output: select the positions "
+                             "inside the callable, or use output='logits' with output_positions")
+        if self.loss.needs_logits and self.output != LOGITS:  # type: ignore[union-attr]
+            raise ValueError(f"loss={self.loss.name!r} needs output='logits' (it uses the softmax of the output)")  # type: ignore[union-attr]
+        if self.output_transform is not None and not (isinstance(self.output, str) and self.output != LOGITS):
+            raise ValueError("output_transform applies to a hook output only (output='blocks.N.hook_...')")
+        if self.output_transform is not None and self.output_transform_id is None:
+            put("output_transform_id", describe_callable(self.output_transform))
+
+    @property
+    def behavioral_loss(self) -> BehavioralLoss:
+        assert isinstance(self.loss, BehavioralLoss)
+        return self.loss
+
+    @property
+    def output_hook(self) -> str | None:
+        """The hook the output is read from, when it is one."""
+        return self.output if isinstance(self.output, str) and self.output != LOGITS else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that changes ``M`` (``probe_chunk`` does not)."""
+        out = self.output if isinstance(self.output, str) else describe_callable(self.output)
+        return {"exact": self.exact, "n_probes": self.n_probes, "output": out,
+                "output_positions": None if self.output_positions is None else list(self.output_positions),
+                "loss": self.behavioral_loss.name, "probe": ProbeKind(self.probe).value, "seed": self.seed,
+                "output_transform": self.output_transform_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JacobianConfig":
+        """The recorded form (a callable output comes back as its description string)."""
+        return cls(n_probes=data["n_probes"], exact=data["exact"], output=data["output"],
+                   output_positions=data["output_positions"], loss=data["loss"], probe=data["probe"],
+                   seed=data["seed"], output_transform_id=data.get("output_transform"))
+
+
+def describe_positions(positions: PositionSpec) -> str | list[int]:
+    """A JSON-able, process-independent description of a position selection."""
+    if positions is None:
+        return "all"
+    if isinstance(positions, Tensor):
+        digest = hashlib.sha256(positions.detach().cpu().to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        return f"mask:{list(positions.shape)}:{int(positions.sum())}:{digest}"
+    return [int(positions)] if isinstance(positions, int) else [int(p) for p in positions]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one pass over the data accumulates. Build it with ``RunConfig.build(model, ...)``.
+
+    Attributes:
+        hooks: hook points with activation Grams ``G`` (names as the user wrote them).
+        jacobian_hooks: the subset with Jacobian Grams ``M`` (empty without Jacobians).
+        positions: datapoints per sequence: None (all), ints (``[-1]``) or a boolean mask.
+        batch_size: sequences per batch (token tensors and text datasets are cut to it).
+        context: tokens per sequence when text is tokenized (None: the model's n_ctx, ≤ 1024).
+        jacobians: ``JacobianConfig`` or None.
+        observers: further collectors (``HeadSync()``, ``NeuronSync()``), resolved to the model.
+    """
+
+    hooks: tuple[str, ...]
+    jacobian_hooks: tuple[str, ...] = ()
+    positions: PositionSpec = None
+    batch_size: int = 8
+    context: int | None = None
+    jacobians: JacobianConfig | None = None
+    observers: tuple[Observer, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        hooks: HookSpec = None,
+        *,
+        jacobians: bool | JacobianConfig = False,
+        jacobian_hooks: HookSpec = None,
+        positions: PositionSpec = None,
+        batch_size: int = 8,
+        context: int | None = None,
+        observers: Sequence[Observer] = (),
+    ) -> "RunConfig":
+        """Resolve hook names against ``model`` and validate every option."""
+        names = tuple(resolve_hooks(model, hooks))
+        jac = JacobianConfig() if jacobians is True else (jacobians or None)
+        if jac is not None and not isinstance(jac, JacobianConfig):
+            raise TypeError(f"jacobians must be True/False or a JacobianConfig, got {type(jacobians).__name__}")
+        m_names: tuple[str, ...] = ()
+        if jac is not None:
+            if jac.output_hook is not None:
+                resolve_hooks(model, [jac.output_hook])
+            m_names = names if jacobian_hooks is None else tuple(resolve_hooks(model, jacobian_hooks))
+            stray = [h for h in m_names if h not in names]
+            if stray:
+                raise ValueError(f"jacobian_hooks must be among hooks; not in hooks: {stray}")
+        elif jacobian_hooks is not None:
+            raise ValueError("jacobian_hooks given without jacobians: pass jacobians=True (or a JacobianConfig)")
+        _positive_int(batch_size, "batch_size")
+        if context is not None:
+            _positive_int(context, "context")
+            n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+            if n_ctx is not None and context > int(n_ctx):
+                raise ValueError(f"context={context} is longer than the model's n_ctx={n_ctx}")
+        if isinstance(positions, (list, tuple, int)) and not isinstance(positions, bool):
+            positions = _int_tuple(positions, "positions")
+        resolved = []
+        for obs in observers:
+            if not isinstance(obs, Observer):
+                raise TypeError(f"observers must be Observer objects (e.g. HeadSync(), NeuronSync()), got {obs!r}")
+            resolved.append(obs.resolve(model))
+        kinds = [o.kind for o in resolved]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each observer kind may be given once, got {kinds}")
+        return cls(hooks=names, jacobian_hooks=m_names, positions=positions, batch_size=batch_size,
+                   context=context, jacobians=jac, observers=tuple(resolved))
+
+    def with_(self, **changes: Any) -> "RunConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hooks": list(self.hooks),
+            "jacobian_hooks": list(self.jacobian_hooks),
+            "positions": describe_positions(self.positions),
+            "batch_size": self.batch_size,
+            "context": self.context,
+            "jacobians": None if self.jacobians is None else self.jacobians.to_dict(),
+            "observers": [o.to_dict() for o in self.observers],
+        }
