@@ -85,8 +85,8 @@ class GramAccumulator(AdditiveAccumulator):
     """``S = Σ f fᵀ``, ``s = Σ f``, ``n`` over the datapoints of one hook point, in float64.
 
     Used both for activation Grams ``G`` and Jacobian Grams ``M`` (docs/theory.md §2), where ``f``
-    is then the probe-backpropagated ``g = Jᵀ v`` and each batch is pre-scaled by the
-    number of probes.
+    is then the probe-backpropagated ``g = Jᵀ v`` and each batch is scaled by 1/(number of
+    probes).
     """
 
     fields = ("S", "s", "n")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import JacobianConfig
+from .losses import MSE
 from .linalg import DEFAULT_RTOL, Threshold, symmetric_eigh, threshold
 from .stats import Stats, atomic_save_safetensors, read_safetensors_metadata
 
@@ -240,7 +241,8 @@ class InteractionBasis:
                               scaling=scaling, n_datapoints=stats.n_datapoints(hook))
             layers[hook] = layer
             positions = collect_kwargs.get("positions")
-            jac = replace(final, output=hook, output_transform=layer.transform,
+            # Inner hooks: MSE on the next basis's coordinates (a softmax loss needs logits).
+            jac = replace(final, loss=MSE(), output=hook, output_transform=layer.transform,
                           output_transform_id=f"basis:{layer.fingerprint()}",
                           output_positions=None if positions is None else positions)
         assert stats is not None

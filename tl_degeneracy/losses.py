@@ -5,7 +5,8 @@ A behavioural loss owns its output Hessian ``H`` at the unperturbed model throug
 uses ``v = B e_k`` for every output component. Everything that differs between losses is
 here; the collectors ask the loss object and never test its name.
 
-- ``MSE()``: ``L_B = ½‖z − z*‖²`` (the paper's), ``H = I``, ``B = I``.
+- ``MSE()``: ``L_B = ½‖z − z*‖²`` (the paper's eq. 6 with a ½, so that ``H = I`` is exactly its
+  Hessian, as ``diag(p) − ppᵀ`` is KL's; docs/theory.md §1), ``B = I``.
 - ``KL()``: ``L_B = KL(softmax z* ‖ softmax z)``; per position ``H = diag(p) − p pᵀ`` and
   ``B = (I − p 1ᵀ) diag(√p)``, so ``B ξ = √p ⊙ ξ − p ⟨√p, ξ⟩`` costs O(vocab). It sees no
   change along the all-ones (logit shift) direction.
