@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tl_degeneracy import GramAccumulator, Stats
+from tl_degeneracy import GramAccumulator, RunRecord, Stats
 
 
 def _data(n=50, d=6, seed=0, dtype=torch.float32):
@@ -31,11 +31,18 @@ def test_low_precision_inputs_accumulate_in_float64(dtype):
 def test_merge_is_exact_sum():
     f = _data(n=90)
     whole = GramAccumulator.from_batch(f)
-    parts = GramAccumulator.from_batch(f[:30]).merge(GramAccumulator.from_batch(f[30:]))
+    first, second = GramAccumulator.from_batch(f[:30]), GramAccumulator.from_batch(f[30:])
+    first_before = first.copy()
+    parts = first + second  # a new accumulator; neither operand changes
+    assert first == first_before
     assert parts.n == whole.n == 90
     assert torch.allclose(parts.tensors["S"], whole.tensors["S"], rtol=1e-13, atol=0)
+    in_place = first.add_(second)  # in place, returns self
+    assert in_place is first and first == parts
     with pytest.raises(ValueError, match="shape"):
-        whole.merge(GramAccumulator.from_batch(_data(d=3)))
+        whole + GramAccumulator.from_batch(_data(d=3))
+    with pytest.raises(ValueError, match="shape"):
+        whole.add_(GramAccumulator.from_batch(_data(d=3)))
 
 
 def test_empty_accumulator_refuses_to_divide():
@@ -46,11 +53,12 @@ def test_empty_accumulator_refuses_to_divide():
 def test_stats_save_load_roundtrip(tmp_path):
     stats = Stats({("activations", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data()),
                    ("jacobians", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data(seed=1))},
-                  {"hooks": ["blocks.0.hook_resid_pre"], "n_tokens": 50})
+                  RunRecord(model={}, config={"hooks": ["blocks.0.hook_resid_pre"]}), n_tokens=50, n_batches=1)
     stats.save(tmp_path / "s.safetensors")
     back = Stats.load(tmp_path / "s.safetensors")
     assert back.hooks == ["blocks.0.hook_resid_pre"]
-    assert back.n_tokens == 50
+    assert back.n_tokens == 50 and back.n_batches == 1
+    assert back.run == stats.run and back.progress is None
     for key, acc in stats.accumulators.items():
         assert back.accumulators[key] == acc
     assert torch.equal(back.jacobian_gram("blocks.0.hook_resid_pre"), stats.jacobian_gram("blocks.0.hook_resid_pre"))

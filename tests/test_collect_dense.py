@@ -93,8 +93,8 @@ def test_padding_does_not_leak_into_jacobian_grams(tiny, tiny_tokens):
     padded = torch.cat([short, torch.zeros(4, 4, dtype=torch.long)], dim=1)
     mask = torch.zeros(4, 12, dtype=torch.bool)
     mask[:, :8] = True
-    ref = tld.collect(tiny, short, hook, jacobians=True, exact=True, progress=False)
-    got = tld.collect(tiny, [{"tokens": padded, "attention_mask": mask}], hook, jacobians=True, exact=True,
+    ref = tld.collect(tiny, short, hook, jacobians=tld.JacobianConfig(exact=True), progress=False)
+    got = tld.collect(tiny, [{"tokens": padded, "attention_mask": mask}], hook, jacobians=tld.JacobianConfig(exact=True),
                       progress=False)
     assert got.n_datapoints(hook) == ref.n_datapoints(hook) == 32
     a, b = got.jacobian_gram(hook), ref.jacobian_gram(hook)

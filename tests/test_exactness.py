@@ -39,9 +39,20 @@ def test_batch_sizes_and_merge_agree(reference):
     model = tiny_model(seed=0)
     one_batch = tld.collect(model, TOKENS, HOOKS, batch_size=64, progress=False)
     three = tld.collect(model, [TOKENS[:20], TOKENS[20:41], TOKENS[41:]], HOOKS, progress=False)
-    halves = tld.collect(model, TOKENS[:32], HOOKS, progress=False).merge(
-        tld.collect(model, TOKENS[32:], HOOKS, progress=False))
-    for stats in (one_batch, three, halves):
+    first = tld.collect(model, TOKENS[:32], HOOKS, progress=False)
+    second = tld.collect(model, TOKENS[32:], HOOKS, progress=False)
+    first_n = first.n_tokens
+    added = first + second  # a new Stats; the operands are unchanged
+    assert first.n_tokens == first_n and first.progress is not None
+    assert added.progress is None  # two data streams have no single resume point
+    in_place = tld.collect(model, TOKENS[:32], HOOKS, progress=False)
+    assert in_place.merge(second) is None  # merge works in place, like dict.update
+    assert in_place.progress is None and in_place.n_batches == first.n_batches + second.n_batches
+    augmented = tld.collect(model, TOKENS[:32], HOOKS, progress=False)
+    alias = augmented
+    augmented += second
+    assert augmented is alias
+    for stats in (one_batch, three, added, in_place, augmented):
         assert_same_sums(stats, reference)
 
 
@@ -49,6 +60,8 @@ def test_merge_refuses_different_runs(reference):
     other = tld.collect(tiny_model(seed=0), TOKENS, HOOKS[:1], progress=False)
     with pytest.raises(ValueError, match="differ"):
         reference.merge(other)
+    with pytest.raises(ValueError, match="differ"):
+        reference + other
 
 
 def test_max_tokens_stops_and_trims(reference):
@@ -68,7 +81,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference):
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            if ckpt.exists() and tld.Stats.load(ckpt).meta["progress"]["batches_seen"] >= 4:
+            if ckpt.exists() and tld.Stats.load(ckpt).progress.batches_seen >= 4:
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -77,23 +90,23 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference):
         if proc.poll() is None:
             proc.kill()
     partial = tld.Stats.load(ckpt)
-    done = partial.meta["progress"]["batches_seen"]
+    done = partial.progress.batches_seen
     assert 4 <= done < 16, "the worker should have been killed mid-way"
     assert not (tmp_path / "never.safetensors").exists()
     resumed = tld.collect(tiny_model(seed=0), (TOKENS[i:i + 4] for i in range(0, 64, 4)), HOOKS,
                           checkpoint=ckpt, resume=True, progress=False)
-    assert resumed.meta["progress"]["batches_seen"] == 16
+    assert resumed.progress.batches_seen == 16
     assert_same_sums(resumed, reference)
 
 
 def test_resume_with_jacobians_is_exact(tmp_path):
     # Probes are seeded per batch index, so a resumed run draws the same probes.
     model = tiny_model(seed=0)
-    full = tld.collect(model, TOKENS, HOOKS, batch_size=4, jacobians=True, n_probes=2, progress=False)
+    jac = tld.JacobianConfig(n_probes=2)
+    full = tld.collect(model, TOKENS, HOOKS, batch_size=4, jacobians=jac, progress=False)
     ckpt = tmp_path / "j.safetensors"
-    tld.collect(model, TOKENS[:24], HOOKS, batch_size=4, jacobians=True, n_probes=2, progress=False,
-                checkpoint=ckpt)
-    resumed = tld.collect(model, TOKENS, HOOKS, batch_size=4, jacobians=True, n_probes=2, progress=False,
+    tld.collect(model, TOKENS[:24], HOOKS, batch_size=4, jacobians=jac, progress=False, checkpoint=ckpt)
+    resumed = tld.collect(model, TOKENS, HOOKS, batch_size=4, jacobians=jac, progress=False,
                           checkpoint=ckpt, resume=True)
     assert_same_sums(resumed, full)
 
@@ -106,5 +119,5 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     stats = tld.Stats.load(out)
-    assert stats.meta["progress"]["world_size"] == 2 and stats.n_batches == 16
+    assert stats.progress.world_size == 2 and stats.n_batches == 16
     assert_same_sums(stats, reference)

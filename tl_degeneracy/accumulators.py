@@ -14,8 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-
-ACCUMULATOR_KINDS: dict[str, type["AdditiveAccumulator"]] = {}
+ACCUMULATOR_KINDS: dict[str, type[AdditiveAccumulator]] = {}
 
 
 class AdditiveAccumulator:
@@ -35,20 +34,20 @@ class AdditiveAccumulator:
         self.tensors = {name: tensors[name] for name in self.fields}
 
     # -- exact algebra ---------------------------------------------------------------------
-    def add_(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
+    def add_(self, other: AdditiveAccumulator) -> AdditiveAccumulator:
         self._check_compatible(other)
         for name in self.fields:
             self.tensors[name] += other.tensors[name].to(self.tensors[name].device)
         return self
 
-    def __add__(self, other: "AdditiveAccumulator") -> "AdditiveAccumulator":
+    def __add__(self, other: AdditiveAccumulator) -> AdditiveAccumulator:
         """A new accumulator holding the sums over both data sets (``add_`` adds in place)."""
         return self.copy().add_(other)
 
-    def copy(self) -> "AdditiveAccumulator":
+    def copy(self) -> AdditiveAccumulator:
         return type(self)({k: v.clone() for k, v in self.tensors.items()})
 
-    def _check_compatible(self, other: "AdditiveAccumulator") -> None:
+    def _check_compatible(self, other: AdditiveAccumulator) -> None:
         if type(other) is not type(self):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
         for name in self.fields:
@@ -56,7 +55,7 @@ class AdditiveAccumulator:
             if a.shape != b.shape:
                 raise ValueError(f"cannot merge: {name} has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
 
-    def all_reduce(self, group=None) -> "AdditiveAccumulator":
+    def all_reduce(self, group=None) -> AdditiveAccumulator:
         """Sum every tensor over the processes of ``torch.distributed`` (in place)."""
         import torch.distributed as dist
 
@@ -64,7 +63,7 @@ class AdditiveAccumulator:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return self
 
-    def to(self, device: str | torch.device) -> "AdditiveAccumulator":
+    def to(self, device: str | torch.device) -> AdditiveAccumulator:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self
 
@@ -73,7 +72,7 @@ class AdditiveAccumulator:
         return dict(self.tensors)
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, Tensor]) -> "AdditiveAccumulator":
+    def from_state_dict(cls, tensors: dict[str, Tensor]) -> AdditiveAccumulator:
         return cls({k: v.clone() for k, v in tensors.items()})
 
     def __eq__(self, other: object) -> bool:
@@ -93,7 +92,7 @@ class GramAccumulator(AdditiveAccumulator):
     kind = "gram"
 
     @classmethod
-    def zeros(cls, dim: int, device: str | torch.device = "cpu") -> "GramAccumulator":
+    def zeros(cls, dim: int, device: str | torch.device = "cpu") -> GramAccumulator:
         return cls({
             "S": torch.zeros(dim, dim, dtype=torch.float64, device=device),
             "s": torch.zeros(dim, dtype=torch.float64, device=device),
@@ -101,7 +100,7 @@ class GramAccumulator(AdditiveAccumulator):
         })
 
     @classmethod
-    def from_batch(cls, f: Float[Tensor, "n d"], weight: float = 1.0) -> "GramAccumulator":
+    def from_batch(cls, f: Float[Tensor, "n d"], weight: float = 1.0) -> GramAccumulator:
         """The sums of one batch of datapoints (``f`` is cast to float64 first).
 
         ``weight`` multiplies ``S`` and ``s`` (not ``n``): the 1/S of a probe average.

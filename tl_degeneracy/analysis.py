@@ -114,7 +114,7 @@ class AnalysisReport:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AnalysisReport":
+    def from_dict(cls, data: dict[str, Any]) -> AnalysisReport:
         if data.get("format") != REPORT_FORMAT:
             raise ValueError(f"not a {REPORT_FORMAT} report (format={data.get('format')!r}); re-run the analysis")
         heads, neurons = data.get("synchronized_heads"), data.get("synchronized_neurons")
@@ -132,7 +132,7 @@ class AnalysisReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "AnalysisReport":
+    def load(cls, path: str | Path) -> AnalysisReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

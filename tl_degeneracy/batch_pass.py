@@ -5,7 +5,8 @@ out finite, so a bad batch never corrupts what was accumulated before it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor

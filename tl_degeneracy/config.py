@@ -9,9 +9,10 @@ themselves with ``to_dict()``: that dictionary is the run's identity in a checkp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -139,7 +140,7 @@ class JacobianConfig:
                 "output_transform": self.output_transform_id}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JacobianConfig":
+    def from_dict(cls, data: dict[str, Any]) -> JacobianConfig:
         """The recorded form (a callable output comes back as its description string)."""
         return cls(n_probes=data["n_probes"], exact=data["exact"], output=data["output"],
                    output_positions=data["output_positions"], loss=data["loss"], probe=data["probe"],
@@ -190,7 +191,7 @@ class RunConfig:
         batch_size: int = 8,
         context: int | None = None,
         observers: Sequence[Observer] = (),
-    ) -> "RunConfig":
+    ) -> RunConfig:
         """Resolve hook names against ``model`` and validate every option."""
         names = tuple(resolve_hooks(model, hooks))
         jac = JacobianConfig() if jacobians is True else (jacobians or None)
@@ -225,7 +226,7 @@ class RunConfig:
         return cls(hooks=names, jacobian_hooks=m_names, positions=positions, batch_size=batch_size,
                    context=context, jacobians=jac, observers=tuple(resolved))
 
-    def with_(self, **changes: Any) -> "RunConfig":
+    def with_(self, **changes: Any) -> RunConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,8 +8,9 @@ dicts with ``tokens``/``input_ids`` and an optional ``attention_mask``); a Huggi
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
@@ -31,7 +32,7 @@ class TokenBatch:
             return self.tokens.numel()
         return int(self.attention_mask.sum())
 
-    def head(self, n_rows: int) -> "TokenBatch":
+    def head(self, n_rows: int) -> TokenBatch:
         mask = None if self.attention_mask is None else self.attention_mask[:n_rows]
         return TokenBatch(self.tokens[:n_rows], mask)
 

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from .config import JacobianConfig
@@ -184,7 +183,7 @@ class DegeneracyReport:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DegeneracyReport":
+    def from_dict(cls, data: dict[str, Any]) -> DegeneracyReport:
         data = dict(data)
         data["matrices"] = [MatrixAccount(**m) for m in data.get("matrices", [])]
         data["per_layer"] = {k: LayerTotals(**v) for k, v in data.get("per_layer", {}).items()}
@@ -192,7 +191,7 @@ class DegeneracyReport:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "DegeneracyReport":
+    def from_json(cls, text: str) -> DegeneracyReport:
         return cls.from_dict(json.loads(text))
 
     def summary(self) -> str:
@@ -302,7 +301,8 @@ def degeneracy_report(
         report.eps_meaning = (f"relative: rtol={rtol:g} × the largest g_i·k_j over all weight matrices "
                               f"(K-FAC Hessian eigenvalues at or below it count as zero)")
     else:
-        report.eps_meaning = "absolute loss scale passed by the user (K-FAC Hessian eigenvalues g_i·k_j at or below it count as zero)"
+        report.eps_meaning = ("absolute curvature scale passed by the user (K-FAC Hessian eigenvalues g_i·k_j at "
+                              "or below it count as zero)")
     report.eps = float(eps)
     for acc, g, k in pending:
         if g is not None and k is not None:

@@ -80,7 +80,7 @@ def _weight_checksum(model: torch.nn.Module) -> tuple[float, float]:
 
 
 # describe_model's cache, keyed weakly by the model (nothing is stored on the user's model).
-_DESCRIPTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+_DESCRIPTIONS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:

@@ -14,8 +14,9 @@ ever alive; the float64 work is chunked over query positions.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from einops import einsum
@@ -47,7 +48,7 @@ class HeadSyncAccumulator(AdditiveAccumulator):
     kind = "head_sync"
 
     @classmethod
-    def zeros(cls, n_heads: int, device: str | torch.device = "cpu") -> "HeadSyncAccumulator":
+    def zeros(cls, n_heads: int, device: str | torch.device = "cpu") -> HeadSyncAccumulator:
         return cls({
             "gram": torch.zeros(n_heads, n_heads, dtype=torch.float64, device=device),
             "tv": torch.zeros(n_heads, n_heads, dtype=torch.float64, device=device),
@@ -59,7 +60,7 @@ class HeadSyncAccumulator(AdditiveAccumulator):
         cls,
         pattern: Float[Tensor, "batch head query key"],
         mask: Bool[Tensor, "batch query"],
-    ) -> "HeadSyncAccumulator":
+    ) -> HeadSyncAccumulator:
         """The sums over the query rows ``mask`` selects.
 
         Causal masking zeroes the same keys for every head of a layer, so comparing full
@@ -243,7 +244,7 @@ class SynchronizedHeads:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SynchronizedHeads":
+    def from_dict(cls, data: dict[str, Any]) -> SynchronizedHeads:
         data = dict(data)
         data.pop("total_freedoms", None)
         data["blocks"] = [HeadBlock(**b) for b in data.get("blocks", [])]
@@ -303,7 +304,8 @@ def synchronized_heads(
     result = SynchronizedHeads(
         threshold=float(threshold), metric=metric, linkage=linkage, meaning=_MEANINGS[metric],
         rank_source=(f"rank of each head's W_V from the model (σ² > {rank_rtol:g}·σ_max²)"
-                     if model is not None else f"W_V assumed full rank (d_head = {d_head}); pass model= to rank-adjust"),
+                     if model is not None
+                     else f"W_V assumed full rank (d_head = {d_head}); pass model= to rank-adjust"),
         layers=chosen,
     )
     for layer in chosen:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -22,8 +23,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import JacobianConfig
-from .losses import MSE
 from .linalg import DEFAULT_RTOL, Threshold, symmetric_eigh, threshold
+from .losses import MSE
 from .stats import Stats, atomic_save_safetensors, read_safetensors_metadata
 
 Scaling = Literal["lib", "paper", "pca", "identity"]
@@ -180,7 +181,7 @@ class InteractionBasis:
         atol: float | None = None,
         interaction_rtol: float | None = None,
         scaling: Scaling = "lib",
-    ) -> "InteractionBasis":
+    ) -> InteractionBasis:
         """Fit at ``hooks`` (default: every hook with activation stats, and Jacobians unless pca/identity).
 
         ``rtol`` (relative to the largest eigenvalue) or ``atol`` drops near-zero directions of
@@ -218,7 +219,7 @@ class InteractionBasis:
         scaling: Scaling = "lib",
         jacobians: JacobianConfig | None = None,
         **collect_kwargs: Any,
-    ) -> "InteractionBasis":
+    ) -> InteractionBasis:
         """The local variant (LIB paper, arXiv 2405.10928): the basis at each hook is fitted
         from Jacobians to the *next* hook's interaction-basis coordinates, the last hook's
         from Jacobians to ``jacobians.output`` (default the logits), working from the last
@@ -265,7 +266,7 @@ class InteractionBasis:
         atomic_save_safetensors(tensors, {"tl_degeneracy_basis": json.dumps(meta)}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "InteractionBasis":
+    def load(cls, path: str | os.PathLike) -> InteractionBasis:
         meta = read_safetensors_metadata(path, key="tl_degeneracy_basis")
         tensors = load_file(str(path))
         layers = {}

@@ -13,8 +13,9 @@ Cost of treating neuron ``j`` as synchronized with ``i``:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float
@@ -53,7 +54,7 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
         cls,
         pre: Float[Tensor, "n d_mlp"],
         post: Float[Tensor, "n d_mlp"],
-    ) -> "NeuronSyncAccumulator":
+    ) -> NeuronSyncAccumulator:
         p = pre.detach().to(torch.float64)
         f = post.detach().to(torch.float64)
         # r = f/p, and 1 where p == 0 (eq. 17); the dummy divisor avoids 0/0.
@@ -77,7 +78,7 @@ class NeuronSync(LayerObserver):
 
     kind: ClassVar[str] = NEURON_SYNC
 
-    def resolve(self, model: torch.nn.Module) -> "NeuronSync":
+    def resolve(self, model: torch.nn.Module) -> NeuronSync:
         if getattr(model.cfg, "attn_only", False):
             raise ValueError("NeuronSync needs MLP layers; this model is attention-only")
         return super().resolve(model)  # type: ignore[return-value]
@@ -192,7 +193,7 @@ class SynchronizedNeurons:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SynchronizedNeurons":
+    def from_dict(cls, data: dict[str, Any]) -> SynchronizedNeurons:
         data = dict(data)
         data.pop("total_added_freedoms", None)
         layers = {}

@@ -10,8 +10,9 @@ subclass ``Observer``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool
@@ -28,7 +29,7 @@ class Observer(ABC):
 
     kind: ClassVar[str]
 
-    def resolve(self, model: torch.nn.Module) -> "Observer":
+    def resolve(self, model: torch.nn.Module) -> Observer:
         """A copy with every default made explicit for ``model``, validated (called once per run)."""
         return self
 
@@ -51,7 +52,7 @@ class LayerObserver(Observer, ABC):
 
     layers: Sequence[int] | None = None
 
-    def resolve(self, model: torch.nn.Module) -> "LayerObserver":
+    def resolve(self, model: torch.nn.Module) -> LayerObserver:
         n_layers = int(model.cfg.n_layers)
         chosen = list(range(n_layers)) if self.layers is None else (
             [int(self.layers)] if isinstance(self.layers, int) else [int(l) for l in self.layers])

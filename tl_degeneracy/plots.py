@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .degeneracy_report import LayerTotals  # noqa: E402
 from .interaction_basis import LayerBasis  # noqa: E402
 
 
@@ -60,10 +61,11 @@ def cumulative(ib: dict[str, LayerBasis], pca: dict[str, LayerBasis], path: Path
             values = basis[hook].eigenvalues.cpu().clamp_min(0)
             curve = torch.cumsum(values, 0) / values.sum()
             ax.plot(range(1, len(curve) + 1), curve, style, color=f"C{i % 10}", label=f"{name} {hook}")
-    ax.axhline(0.99, color="grey", lw=0.6, ls=":")
+    ax.axhline(0.99, color="grey", lw=0.6, ls=":", label="99%")
     ax.set_xscale("log")
     ax.set_xlabel("leading directions kept")
-    ax.set_ylabel("cumulative fraction")
+    ax.set_ylabel("cumulative fraction\n(IB: of ΣΛ; PCA: of variance)", fontsize=8)
+    ax.set_title("How many directions carry the interactions (IB, solid) vs the variance (PCA, dashed)", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
 
@@ -72,17 +74,20 @@ def head_sync_heatmap(tv: torch.Tensor, layer: int, threshold: float, path: Path
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     image = ax.imshow(tv.cpu().numpy(), vmin=0, vmax=max(float(tv.max()), 1e-6), cmap="viridis")
     fig.colorbar(image, ax=ax, label="mean TV distance")
+    heads = range(tv.shape[0])
+    ax.set_xticks(list(heads))
+    ax.set_yticks(list(heads))  # integer head indices, not imshow's ±0.5 edges
     ax.set_title(f"layer {layer}: head synchronisation (threshold {threshold:g})", fontsize=8)
     ax.set_xlabel("head")
     ax.set_ylabel("head")
     return _save(fig, path)
 
 
-def effective_parameters(per_layer: dict[str, dict[str, Any]], path: Path) -> Path:
+def effective_parameters(per_layer: dict[str, LayerTotals], path: Path) -> Path:
     """Nominal weight parameters vs the K-FAC effective count per layer."""
     layers = list(per_layer)
-    nominal = [per_layer[l]["nominal"] for l in layers]
-    effective = [per_layer[l]["kfac_rank"] for l in layers]
+    nominal = [per_layer[l].nominal for l in layers]
+    effective = [per_layer[l].kfac_rank for l in layers]
     fig, ax = plt.subplots(figsize=(6, 3.4))
     x = range(len(layers))
     ax.bar([i - 0.2 for i in x], nominal, width=0.4, label="nominal")
@@ -90,5 +95,6 @@ def effective_parameters(per_layer: dict[str, dict[str, Any]], path: Path) -> Pa
     ax.set_xticks(list(x), layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("parameters")
+    ax.set_title("Weight parameters per layer: nominal vs K-FAC effective count", fontsize=8)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -1,7 +1,8 @@
 """Which (sequence, position) pairs count as datapoints."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from jaxtyping import Bool

@@ -8,7 +8,7 @@ or Gaussian ``ξ``, and the exact mode uses ``v = B e_k`` for every output compo
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor

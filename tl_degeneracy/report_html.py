@@ -33,7 +33,7 @@ def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_html(report: "AnalysisReport", figures: dict[str, list[Path]], path: Path) -> Path:
+def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Path) -> Path:
     m = report.model
     cfg = m.get("cfg", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tl_degeneracy report</title>"
@@ -44,6 +44,25 @@ def write_html(report: "AnalysisReport", figures: dict[str, list[Path]], path: P
              f"{html.escape(str(m.get('transformer_lens', '?')))}; {report.n_tokens:,} tokens, "
              f"{report.n_probes} probes per batch, {report.seconds} s. Eigenvalues below rtol = {report.rtol:g} × the "
              f"largest count as zero (absolute thresholds in each table row).</p>"]
+    prov = report.provenance
+    cfg_run = prov.run.get("config", {})
+    jac = cfg_run.get("jacobians") or {}
+    parts.append("<h2>Provenance</h2>")
+    parts.append(_table(["what", "value"], [
+        ["dataset", prov.dataset or "(not recorded)"],
+        ["tokens", f"{report.n_tokens:,}"],
+        ["context", cfg_run.get("context")],
+        ["batch size", cfg_run.get("batch_size")],
+        ["positions", cfg_run.get("positions")],
+        ["hooks (G)", ", ".join(cfg_run.get("hooks", []))],
+        ["hooks (M)", ", ".join(cfg_run.get("jacobian_hooks", []))],
+        ["Jacobians", ", ".join(f"{k}={v}" for k, v in jac.items())],
+        ["observers", "; ".join(str(o) for o in cfg_run.get("observers", []))],
+        ["tokenizer", prov.run.get("tokenizer")],
+        ["weights sha256", m.get("weights_sha256")],
+        ["model dtype", m.get("dtype")],
+        ["tl_degeneracy", prov.package_version],
+    ]))
 
     parts.append("<h2>Residual stream: interaction basis vs PCA</h2>")
     rows = [[h, s.d, s.ib_kept, s.pca_kept, s.ib_dirs_99, s.pca_dirs_99,
@@ -57,15 +76,18 @@ def write_html(report: "AnalysisReport", figures: dict[str, list[Path]], path: P
     d = report.degeneracy
     parts.append("<h2>Degeneracy account</h2>")
     parts.append(f"<p class='note'>{html.escape(d.eps_meaning)}</p>")
-    rows = [[layer, r["nominal"], r["free_from_G"], r["free_from_K"], r["free_combined"], r["kfac_rank"],
-             r.get("synchronized_head_freedoms", ""), r.get("synchronized_neuron_freedoms", "")]
+    rows = [[layer, r.nominal, r.free_from_G, r.free_from_K, r.free_combined, r.kfac_rank,
+             "" if r.synchronized_head_freedoms is None else r.synchronized_head_freedoms,
+             "" if r.synchronized_neuron_freedoms is None else r.synchronized_neuron_freedoms]
             for layer, r in d.per_layer.items()]
     parts.append(_table(["layer", "nominal", "free (G≈0)", "free (K≈0)", "free (G∪K)", "K-FAC rank",
                          "sync-head freedoms", "sync-neuron freedoms"], rows))
     t = d.totals
-    parts.append(f"<p><b>Totals:</b> {t.get('nominal_weights'):,} weight parameters ({t.get('nominal_model'):,} in "
-                 f"the model); K-FAC effective count {t.get('kfac_rank'):,} at eps = {d.eps:.3g}; minus "
-                 f"synchronisation freedoms → <b>{t.get('effective_parameters'):,}</b> effective parameters.</p>")
+    assert t is not None
+    parts.append(f"<p><b>Totals:</b> {t.nominal_weights:,} weight parameters ({t.nominal_model:,} in "
+                 f"the model); K-FAC effective count {t.kfac_rank:,} at eps = {d.eps:.3g}; minus "
+                 f"synchronisation freedoms (heads at TV ≤ {d.head_threshold}, neurons at cost ≤ "
+                 f"{d.neuron_threshold}) → <b>{t.effective_parameters:,}</b> effective parameters.</p>")
     parts.append("".join(_img(p) for p in figures.get("parameters", [])))
     if d.notes:
         parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in d.notes) + "</ul>")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from .generations import describe_model
 from .hook_names import act_name
 from .interaction_basis import InteractionBasis, LayerBasis
-
 
 SPLICE_MODULE = "ib_splice"
 POINTS = ("hook_ib", "hook_ib_error")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ class RunRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
         return cls(**data)
 
 
@@ -168,7 +168,7 @@ class Stats:
         return self._gram(hook, JACOBIANS).gram
 
     # -- algebra ---------------------------------------------------------------------------------
-    def _check_mergeable(self, other: "Stats") -> None:
+    def _check_mergeable(self, other: Stats) -> None:
         if not isinstance(other, Stats):
             raise TypeError(f"can only merge Stats, got {type(other).__name__}")
         mine = None if self.run is None else self.run.identity()
@@ -180,7 +180,7 @@ class Stats:
         if set(self.accumulators) != set(other.accumulators):
             raise ValueError("cannot merge Stats with different hooks or collectors")
 
-    def merge(self, other: "Stats") -> None:
+    def merge(self, other: Stats) -> None:
         """Add ``other``'s sums into this object, **in place** (like ``dict.update``: returns None).
 
         For a new object use ``a + b``. The two must come from the same run configuration
@@ -193,11 +193,11 @@ class Stats:
         self.n_batches += other.n_batches
         self.progress = None  # a merge of two data streams has no single resume point
 
-    def __iadd__(self, other: "Stats") -> "Stats":
+    def __iadd__(self, other: Stats) -> Stats:
         self.merge(other)
         return self
 
-    def __add__(self, other: "Stats") -> "Stats":
+    def __add__(self, other: Stats) -> Stats:
         """A new ``Stats`` over both data sets; neither operand changes."""
         self._check_mergeable(other)
         merged = Stats({k: acc.copy() for k, acc in self.accumulators.items()}, self.run,
@@ -205,7 +205,7 @@ class Stats:
         merged.merge(other)
         return merged
 
-    def all_reduce(self, group=None) -> "Stats":
+    def all_reduce(self, group=None) -> Stats:
         """Sum every accumulator and the token/batch counts over ``torch.distributed`` ranks."""
         import torch.distributed as dist
 
@@ -231,7 +231,7 @@ class Stats:
         atomic_save_safetensors(tensors, {"tl_degeneracy": json.dumps(meta)}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Stats":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Stats:
         meta = read_safetensors_metadata(path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has statistics format {meta.get('format_version')!r}; this version of "

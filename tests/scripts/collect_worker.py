@@ -37,7 +37,7 @@ def main() -> None:
         torch.distributed.init_process_group("gloo")
     stats = tld.collect(tiny_model(seed=0), batches(args.slow), HOOKS, checkpoint=args.checkpoint,
                         checkpoint_every=1, resume=args.resume, progress=False,
-                        jacobians=args.jacobians, n_probes=2)
+                        jacobians=tld.JacobianConfig(n_probes=2) if args.jacobians else False)
     if not distributed or torch.distributed.get_rank() == 0:
         stats.save(args.out)
     if distributed:

@@ -56,7 +56,8 @@ def random_tl_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.
             return {}
         return {f"{prefix}.w": 1.0 + b(d), f"{prefix}.b": b(d)}
 
-    sd: dict[str, torch.Tensor] = {"embed.W_E": w(V, d, fan_in=1), "pos_embed.W_pos": 0.5 * w(cfg["n_ctx"], d, fan_in=1)}
+    sd: dict[str, torch.Tensor] = {"embed.W_E": w(V, d, fan_in=1),
+                                   "pos_embed.W_pos": 0.5 * w(cfg["n_ctx"], d, fan_in=1)}
     for layer in range(cfg["n_layers"]):
         p = f"blocks.{layer}"
         sd |= ln(f"{p}.ln1")
