@@ -8,12 +8,13 @@ keep and how one batch updates them.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+_A = TypeVar("_A", bound="AdditiveAccumulator")
 ACCUMULATOR_KINDS: dict[str, type[AdditiveAccumulator]] = {}
 
 
@@ -34,17 +35,17 @@ class AdditiveAccumulator:
         self.tensors = {name: tensors[name] for name in self.fields}
 
     # -- exact algebra ---------------------------------------------------------------------
-    def add_(self, other: AdditiveAccumulator) -> AdditiveAccumulator:
+    def add_(self: _A, other: AdditiveAccumulator) -> _A:
         self._check_compatible(other)
         for name in self.fields:
             self.tensors[name] += other.tensors[name].to(self.tensors[name].device)
         return self
 
-    def __add__(self, other: AdditiveAccumulator) -> AdditiveAccumulator:
+    def __add__(self: _A, other: AdditiveAccumulator) -> _A:
         """A new accumulator holding the sums over both data sets (``add_`` adds in place)."""
         return self.copy().add_(other)
 
-    def copy(self) -> AdditiveAccumulator:
+    def copy(self: _A) -> _A:
         return type(self)({k: v.clone() for k, v in self.tensors.items()})
 
     def _check_compatible(self, other: AdditiveAccumulator) -> None:

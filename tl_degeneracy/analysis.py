@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .collect import collect
 from .config import JacobianConfig, RunConfig
 from .degeneracy_report import LOGITS, DegeneracyReport, degeneracy_hooks, degeneracy_report, weight_matrices
+from .generations import HookedModel
 from .head_sync import HeadSync, SynchronizedHeads, synchronized_heads
 from .hook_names import residual_hooks, resolve_hooks
 from .interaction_basis import InteractionBasis
@@ -160,12 +159,12 @@ def build_report(model, stats: Stats, basis: InteractionBasis, pca: InteractionB
     )
 
 
-def basis_hooks_of(model: torch.nn.Module, config: AnalysisConfig) -> list[str]:
+def basis_hooks_of(model: HookedModel, config: AnalysisConfig) -> list[str]:
     """Where the analysis fits interaction bases."""
     return resolve_hooks(model, list(config.hooks)) if config.hooks else residual_hooks(model)
 
 
-def collection_config(model: torch.nn.Module, config: AnalysisConfig) -> RunConfig:
+def collection_config(model: HookedModel, config: AnalysisConfig) -> RunConfig:
     """The ``RunConfig`` an analysis collects with (also what its checkpoint must match)."""
     basis_hooks = basis_hooks_of(model, config)
     all_hooks = list(dict.fromkeys(basis_hooks + degeneracy_hooks(model)))
@@ -182,7 +181,7 @@ def collection_config(model: torch.nn.Module, config: AnalysisConfig) -> RunConf
                            observers=observers)
 
 
-def analyze(model: torch.nn.Module, data: Any, out: str | Path, *, config: AnalysisConfig | None = None,
+def analyze(model: HookedModel, data: Any, out: str | Path, *, config: AnalysisConfig | None = None,
             resume: bool = False, progress: bool = True, keep_checkpoint: bool = False, dataset: str = "",
             checkpoint_every: int = 10, checkpoint_seconds: float = 60.0, **options: Any) -> AnalysisReport:
     """Run everything and write ``stats.safetensors``, ``basis.safetensors``, ``report.json``,
@@ -195,7 +194,7 @@ def analyze(model: torch.nn.Module, data: Any, out: str | Path, *, config: Analy
     ``dataset`` describes the data for the report's provenance.
     """
     if config is None:
-        config = AnalysisConfig(**{k: (tuple(v) if k == "hooks" and v is not None else v) for k, v in options.items()})
+        config = AnalysisConfig(**options)
     elif options:
         raise TypeError("pass either config= or its options, not both")
     out = Path(out)

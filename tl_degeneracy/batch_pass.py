@@ -14,6 +14,7 @@ from torch import Tensor
 from .accumulators import AdditiveAccumulator, GramAccumulator
 from .config import JacobianConfig, RunConfig
 from .data import TokenBatch
+from .generations import HookedModel
 from .positions import position_mask
 from .probes import batch_generator, exact_probes, random_probes
 from .stats import ACTIVATIONS, JACOBIANS
@@ -47,7 +48,7 @@ class _StopForward(Exception):
     """Raised by a hook once every hook a batch needs has fired: the rest of the forward is waste."""
 
 
-def _forward_until_hooks_fired(model: torch.nn.Module, tokens: Tensor, kwargs: dict[str, Any],
+def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[str, Any],
                                fwd_hooks: list[tuple[str, Callable]], stop_early: bool) -> Tensor | None:
     """``model(tokens)`` under ``fwd_hooks``; with ``stop_early``, cut short after the last one fires.
 
@@ -75,7 +76,7 @@ def _forward_until_hooks_fired(model: torch.nn.Module, tokens: Tensor, kwargs: d
 
 
 def run_batch(
-    model: torch.nn.Module,
+    model: HookedModel,
     batch: TokenBatch,
     plan: RunConfig,
     batch_index: int,
@@ -116,7 +117,7 @@ def run_batch(
     return _run_batch_with_jacobians(model, tokens, mask, select, plan, batch_index, kwargs, out)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def _device(model: HookedModel) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -129,7 +130,7 @@ class _ParamsRequireGrad:
     parameter ``.grad`` is ever written.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HookedModel):
         self.frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
 
     def __enter__(self) -> None:
@@ -168,14 +169,13 @@ def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[T
     return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_probe)]
 
 
-def _output_of(logits: Tensor, captured: dict[str, Tensor], settings: JacobianConfig,
+def _output_of(logits: Tensor | None, captured: dict[str, Tensor], settings: JacobianConfig,
                attention_mask: Tensor | None = None) -> Tensor:
-    if callable(settings.output):
-        z = settings.output(logits)
-    elif settings.output == "logits":
-        z = logits
+    if settings.output_hook is None:
+        assert logits is not None, "the forward was stopped before the logits"
+        z = settings.output(logits) if callable(settings.output) else logits
     else:
-        z = captured[settings.output]
+        z = captured[settings.output_hook]
         if settings.output_transform is not None:
             z = settings.output_transform(_flat(z))
     if attention_mask is not None and not callable(settings.output):

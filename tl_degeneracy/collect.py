@@ -30,7 +30,7 @@ from .batch_pass import NonFiniteError, run_batch
 from .checkpoint import CheckpointMismatchError, check_resumable
 from .config import JacobianConfig, PositionSpec, RunConfig
 from .data import EmptyDataError, TokenBatch, iter_batches
-from .generations import describe_model
+from .generations import HookedModel, describe_model
 from .hook_names import HookSpec, enable_gated_hooks
 from .observers import Observer
 from .stats import Progress, RunRecord, Stats
@@ -68,14 +68,14 @@ def _package_version() -> str:
         return "unknown"
 
 
-def describe_tokenizer(model: torch.nn.Module) -> str | None:
+def describe_tokenizer(model: HookedModel) -> str | None:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         return None
     return f"{getattr(tok, 'name_or_path', '') or type(tok).__name__} (vocab {len(tok)})"
 
 
-def run_record(model: torch.nn.Module, config: RunConfig) -> RunRecord:
+def run_record(model: HookedModel, config: RunConfig) -> RunRecord:
     return RunRecord(model=describe_model(model), config=config.to_dict(), tokenizer=describe_tokenizer(model),
                      package_version=_package_version())
 
@@ -108,7 +108,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def collect(
-    model: torch.nn.Module,
+    model: HookedModel,
     data: Any,
     hooks: HookSpec = None,
     *,

@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .generations import HookedModel
 from .hook_names import HookSpec, resolve_hooks
 from .losses import MSE, BehavioralLoss, as_loss
 from .observers import Observer
@@ -135,7 +136,8 @@ class JacobianConfig:
         """Everything that changes ``M`` (``probe_chunk`` does not)."""
         out = self.output if isinstance(self.output, str) else describe_callable(self.output)
         return {"exact": self.exact, "n_probes": self.n_probes, "output": out,
-                "output_positions": None if self.output_positions is None else list(self.output_positions),
+                "output_positions": None if self.output_positions is None
+                else list(self.output_positions),  # type: ignore[arg-type]  # a tuple after __post_init__
                 "loss": self.behavioral_loss.name, "probe": ProbeKind(self.probe).value, "seed": self.seed,
                 "output_transform": self.output_transform_id}
 
@@ -182,7 +184,7 @@ class RunConfig:
     @classmethod
     def build(
         cls,
-        model: torch.nn.Module,
+        model: HookedModel,
         hooks: HookSpec = None,
         *,
         jacobians: bool | JacobianConfig = False,

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from .generations import tokenizer_of
+from .generations import HookedModel, tokenizer_of
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 
@@ -68,7 +68,7 @@ def _is_hf_dataset(data: Any) -> bool:
     return module.startswith("datasets.")
 
 
-def _tokenize_dataset(data: Any, model: torch.nn.Module, context: int) -> Any:
+def _tokenize_dataset(data: Any, model: HookedModel, context: int) -> Any:
     columns = getattr(data, "column_names", None) or []
     if any(c in columns for c in TOKEN_COLUMNS):
         return data
@@ -85,7 +85,7 @@ def _tokenize_dataset(data: Any, model: torch.nn.Module, context: int) -> Any:
 
 def iter_batches(
     data: Any,
-    model: torch.nn.Module | None = None,
+    model: HookedModel | None = None,
     batch_size: int = 8,
     context: int | None = None,
 ) -> Iterator[TokenBatch]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .config import JacobianConfig
-from .generations import describe_model
+from .generations import HookedModel, describe_model
 from .head_sync import HEAD_SYNC, SynchronizedHeads, synchronized_heads
 from .hook_names import act_name
 from .linalg import DEFAULT_RTOL, psd_eigenvalues, rank
@@ -52,11 +52,11 @@ class WeightMatrix:
     out_slice: tuple[int, int] | None = None  # head slice of the output Gram (W_Q/K/V)
 
 
-def _uses_ln(model: torch.nn.Module) -> bool:
+def _uses_ln(model: HookedModel) -> bool:
     return getattr(model.cfg, "normalization_type", None) is not None
 
 
-def weight_matrices(model: torch.nn.Module) -> list[WeightMatrix]:
+def weight_matrices(model: HookedModel) -> list[WeightMatrix]:
     """Every weight matrix the account covers, with its input and output hook."""
     cfg = model.cfg
     L, d, H, dh = int(cfg.n_layers), int(cfg.d_model), int(cfg.n_heads), int(cfg.d_head)
@@ -84,7 +84,7 @@ def weight_matrices(model: torch.nn.Module) -> list[WeightMatrix]:
     return out
 
 
-def degeneracy_hooks(model: torch.nn.Module) -> list[str]:
+def degeneracy_hooks(model: HookedModel) -> list[str]:
     """The hook points to collect for a full account:
     ``collect(model, data, degeneracy_hooks(model), jacobians=True, observers=[HeadSync(), NeuronSync()])``."""
     names: list[str] = []
@@ -223,7 +223,7 @@ def _unembed_K_eigs(jac: JacobianConfig | None, d_vocab: int) -> tuple[Tensor | 
 
 
 def degeneracy_report(
-    model: torch.nn.Module,
+    model: HookedModel,
     stats: Any,
     eps: float | None = None,
     rtol: float = DEFAULT_RTOL,
@@ -344,7 +344,7 @@ def _sum(values: list[int | None]) -> int:
     return sum(v for v in values if v is not None)
 
 
-def _add_totals(report: DegeneracyReport, model: torch.nn.Module, heads: SynchronizedHeads | None,
+def _add_totals(report: DegeneracyReport, model: HookedModel, heads: SynchronizedHeads | None,
                 neurons: SynchronizedNeurons | None) -> None:
     head_free = {} if heads is None else dict(heads.freedoms_per_layer)
     neuron_free = {} if neurons is None else {l: s.added_freedoms for l, s in neurons.layers.items()}

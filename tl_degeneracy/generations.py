@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+# HookedTransformer (TL 3.x), TransformerBridge (TL 4.x) or another HookedRootModule with a cfg.
+# Typed Any: both generations are nn.Modules whose cfg, blocks and hooks are resolved dynamically.
+HookedModel = Any
+
 
 def installed_generation() -> int:
     """3 when ``transformer_lens.HookedTransformer`` exists (TL <= 3.x), else 4."""
@@ -32,12 +36,12 @@ def transformer_lens_version() -> str:
     return version("transformer-lens")
 
 
-def model_kind(model: torch.nn.Module) -> str:
+def model_kind(model: HookedModel) -> str:
     """The class name users know the model by ("HookedTransformer", "TransformerBridge", ...)."""
     return type(model).__name__
 
 
-def model_cfg(model: torch.nn.Module) -> Any:
+def model_cfg(model: HookedModel) -> Any:
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         raise TypeError(
@@ -47,26 +51,26 @@ def model_cfg(model: torch.nn.Module) -> Any:
     return cfg
 
 
-def model_dtype(model: torch.nn.Module) -> torch.dtype:
+def model_dtype(model: HookedModel) -> torch.dtype:
     for p in model.parameters():
         return p.dtype
     return torch.float32
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: HookedModel) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _cfg_summary(model: torch.nn.Module) -> dict[str, Any]:
+def _cfg_summary(model: HookedModel) -> dict[str, Any]:
     cfg = getattr(model, "cfg", None)
     keys = ("model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
             "act_fn", "normalization_type")
     return {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
 
 
-def _weight_checksum(model: torch.nn.Module) -> tuple[float, float]:
+def _weight_checksum(model: HookedModel) -> tuple[float, float]:
     """Sum and sum of squares of every parameter, in float64, one slice at a time (no full copy)."""
     total, squares = 0.0, 0.0
     with torch.no_grad():
@@ -83,7 +87,7 @@ def _weight_checksum(model: torch.nn.Module) -> tuple[float, float]:
 _DESCRIPTIONS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
-def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+def describe_model(model: HookedModel) -> dict[str, Any]:
     """A JSON-able identity card: class, TL version, config, processing flags, weight checksum.
 
     The checksum (sum and sum of squares of every parameter, in float64) tells two
@@ -217,7 +221,7 @@ def load_pretrained(
     return model
 
 
-def tokenizer_of(model: torch.nn.Module) -> Any:
+def tokenizer_of(model: HookedModel) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(

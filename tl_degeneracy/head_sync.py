@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator
+from .generations import HookedModel
 from .hook_names import act_name, layer_of
 from .linalg import DEFAULT_RTOL, matrix_rank
 from .observers import Contribution, LayerObserver
@@ -260,7 +261,7 @@ _MEANINGS = {
 }
 
 
-def _d_head(stats: Any, model: torch.nn.Module | None) -> int:
+def _d_head(stats: Any, model: HookedModel | None) -> int:
     if model is not None:
         return int(model.cfg.d_head)
     cfg = (stats.run.model if stats.run is not None else {}).get("cfg", {})
@@ -269,7 +270,7 @@ def _d_head(stats: Any, model: torch.nn.Module | None) -> int:
     return int(cfg["d_head"])
 
 
-def value_ranks(model: torch.nn.Module, layer: int, rtol: float = DEFAULT_RTOL) -> list[int]:
+def value_ranks(model: HookedModel, layer: int, rtol: float = DEFAULT_RTOL) -> list[int]:
     """Rank of each head's ``W_V`` (``[d_model, d_head]``) under the package convention (``linalg``)."""
     W_V = model.blocks[layer].attn.W_V.detach().to(torch.float64)
     return [matrix_rank(w, rtol) for w in W_V]
@@ -278,7 +279,7 @@ def value_ranks(model: torch.nn.Module, layer: int, rtol: float = DEFAULT_RTOL) 
 def synchronized_heads(
     stats: Any,
     threshold: float = 0.05,
-    model: torch.nn.Module | None = None,
+    model: HookedModel | None = None,
     *,
     metric: Metric = "tv",
     linkage: Linkage = "components",

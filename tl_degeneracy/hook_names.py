@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
-import torch
+from .generations import HookedModel
 
 HookSpec = Union[str, Sequence[str], Callable[[str], bool], None]
 
@@ -39,7 +40,7 @@ class UnknownHookError(KeyError):
         return str(self.args[0])
 
 
-def available_hooks(model: torch.nn.Module) -> list[str]:
+def available_hooks(model: HookedModel) -> list[str]:
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is None:
         raise TypeError(
@@ -71,7 +72,7 @@ def _block_sort_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
-def resolve_hooks(model: torch.nn.Module, hooks: HookSpec = None) -> list[str]:
+def resolve_hooks(model: HookedModel, hooks: HookSpec = None) -> list[str]:
     """Turn a hook spec into a list of valid hook names, in the user's words.
 
     ``hooks`` is an exact name, a glob (``"blocks.*.hook_resid_pre"``), a list of either,
@@ -111,7 +112,7 @@ def resolve_hooks(model: torch.nn.Module, hooks: HookSpec = None) -> list[str]:
     return chosen
 
 
-def enable_gated_hooks(model: torch.nn.Module, names: Iterable[str]) -> list[Callable[[], None]]:
+def enable_gated_hooks(model: HookedModel, names: Iterable[str]) -> list[Callable[[], None]]:
     """Switch on the ``set_use_*`` flags the chosen hooks need; return undo callbacks."""
     undo: list[Callable[[], None]] = []
     cfg = getattr(model, "cfg", None)
@@ -123,7 +124,7 @@ def enable_gated_hooks(model: torch.nn.Module, names: Iterable[str]) -> list[Cal
         before = bool(getattr(cfg, flag, False))
         if not before:
             method(True)
-            undo.append(lambda method=method: method(False))
+            undo.append(functools.partial(method, False))
     return undo
 
 
@@ -136,7 +137,7 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     return get_act_name(name, layer, layer_type)
 
 
-def residual_hooks(model: torch.nn.Module) -> list[str]:
+def residual_hooks(model: HookedModel) -> list[str]:
     """``hook_resid_pre`` of every block and the final ``hook_resid_post``: the residual stream."""
     n_layers = int(model.cfg.n_layers)
     return [act_name("resid_pre", l) for l in range(n_layers)] + [act_name("resid_post", n_layers - 1)]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import JacobianConfig
+from .generations import HookedModel
 from .linalg import DEFAULT_RTOL, Threshold, symmetric_eigh, threshold
 from .losses import MSE
 from .stats import Stats, atomic_save_safetensors, read_safetensors_metadata
@@ -211,7 +212,7 @@ class InteractionBasis:
     @classmethod
     def fit_local(
         cls,
-        model: torch.nn.Module,
+        model: HookedModel,
         data: Any,
         hooks: Iterable[str],
         center: bool = True,

@@ -22,6 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator
+from .generations import HookedModel
 from .head_sync import Linkage, blocks_below, worst_within
 from .hook_names import act_name, layer_of
 from .linalg import DEFAULT_RTOL, gram_rank
@@ -78,7 +79,7 @@ class NeuronSync(LayerObserver):
 
     kind: ClassVar[str] = NEURON_SYNC
 
-    def resolve(self, model: torch.nn.Module) -> NeuronSync:
+    def resolve(self, model: HookedModel) -> NeuronSync:
         if getattr(model.cfg, "attn_only", False):
             raise ValueError("NeuronSync needs MLP layers; this model is attention-only")
         return super().resolve(model)  # type: ignore[return-value]
@@ -213,7 +214,7 @@ def synchronized_neurons(
     stats: Any,
     layer: int | Iterable[int] | None = None,
     threshold: float = 1e-3,
-    model: torch.nn.Module | None = None,
+    model: HookedModel | None = None,
     *,
     span_rtol: float = DEFAULT_RTOL,
     linkage: Linkage = "components",

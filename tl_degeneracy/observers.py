@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-import torch
 from jaxtyping import Bool
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator
+from .generations import HookedModel
 
 Contribution = dict[tuple[str, str], AdditiveAccumulator]
 
@@ -29,7 +29,7 @@ class Observer(ABC):
 
     kind: ClassVar[str]
 
-    def resolve(self, model: torch.nn.Module) -> Observer:
+    def resolve(self, model: HookedModel) -> Observer:
         """A copy with every default made explicit for ``model``, validated (called once per run)."""
         return self
 
@@ -52,7 +52,7 @@ class LayerObserver(Observer, ABC):
 
     layers: Sequence[int] | None = None
 
-    def resolve(self, model: torch.nn.Module) -> LayerObserver:
+    def resolve(self, model: HookedModel) -> LayerObserver:
         n_layers = int(model.cfg.n_layers)
         chosen = list(range(n_layers)) if self.layers is None else (
             [int(self.layers)] if isinstance(self.layers, int) else [int(l) for l in self.layers])

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .generations import describe_model
+from .generations import HookedModel, describe_model
 from .hook_names import act_name
 from .interaction_basis import InteractionBasis, LayerBasis
 
@@ -45,6 +45,10 @@ def _hook_point_class():
 
 class BasisSplice(nn.Module):
     """``f ↦ μ + C⁺ hook_ib(C (f − μ)) + hook_ib_error(…)``, with the basis as buffers."""
+
+    C: Tensor
+    C_pinv: Tensor
+    mean: Tensor
 
     def __init__(self, layer: LayerBasis, hook_ib: nn.Module, hook_ib_error: nn.Module, error_term: bool = True,
                  dtype: torch.dtype = torch.float32):
@@ -77,11 +81,11 @@ class BasisSplice(nn.Module):
         return out.reshape(shape)
 
 
-def _is_bridge(model: nn.Module) -> bool:
+def _is_bridge(model: HookedModel) -> bool:
     return hasattr(model, "clear_hook_registry") and hasattr(model, "_initialize_hook_registry")
 
 
-def _rescan(model: nn.Module) -> None:
+def _rescan(model: HookedModel) -> None:
     """Let TransformerLens find the hook points again (as after splicing an SAE)."""
     if _is_bridge(model):
         model.clear_hook_registry()
@@ -90,7 +94,7 @@ def _rescan(model: nn.Module) -> None:
         model.setup()
 
 
-def _set_aliases(model: nn.Module, add: dict[str, str], remove: list[str]) -> None:
+def _set_aliases(model: HookedModel, add: dict[str, str], remove: list[str]) -> None:
     """On a bridge, the user's names ``{hook}.hook_ib`` as aliases of the scanned canonical ones.
 
     The bridge's ``hook_aliases`` (a class-level dict) is copied to the instance first, so other
@@ -107,7 +111,7 @@ def _set_aliases(model: nn.Module, add: dict[str, str], remove: list[str]) -> No
         object.__setattr__(model, "hook_aliases", aliases)
 
 
-def _bridge_resid_mid_partner(model: nn.Module, hook: str) -> str | None:
+def _bridge_resid_mid_partner(model: HookedModel, hook: str) -> str | None:
     """For a bridge's resid_mid (really ln2.hook_in) the hook whose output must carry the edit too."""
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_mid", hook)
     if not match:
@@ -121,7 +125,7 @@ def _bridge_resid_mid_partner(model: nn.Module, hook: str) -> str | None:
 class SpliceHandle:
     """One spliced hook point; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model: nn.Module, hook: str, layer: LayerBasis, error_term: bool):
+    def __init__(self, model: HookedModel, hook: str, layer: LayerBasis, error_term: bool):
         self.model, self.hook = model, hook
         self.names = [f"{hook}.{p}" for p in POINTS]
         target = model.hook_dict[hook]
@@ -175,7 +179,7 @@ class SpliceHandle:
         return f"SpliceHandle({self.hook!r}, k={self.module.C.shape[0]})"
 
 
-def check_basis_fits(model: nn.Module, basis: InteractionBasis) -> None:
+def check_basis_fits(model: HookedModel, basis: InteractionBasis) -> None:
     """Refuse a basis fitted on a model of another shape; warn if only the weights differ."""
     fitted = (basis.meta.get("model") or {}).get("cfg", {})
     current = describe_model(model)
@@ -191,11 +195,11 @@ def check_basis_fits(model: nn.Module, basis: InteractionBasis) -> None:
                       stacklevel=3)
 
 
-def _spliced_targets(model: nn.Module) -> list[nn.Module]:
+def _spliced_targets(model: HookedModel) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "_modules", {}).get(SPLICE_MODULE), BasisSplice)]
 
 
-def splice_into(model: nn.Module, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
+def splice_into(model: HookedModel, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
                 error_term: bool = True) -> list[SpliceHandle]:
     """Splice ``basis`` into ``model`` until ``handle.remove()`` or ``unsplice(model)``."""
     if isinstance(basis, InteractionBasis):
@@ -214,14 +218,16 @@ def splice_into(model: nn.Module, basis: InteractionBasis | LayerBasis, hooks: l
     return made
 
 
-def unsplice(model: nn.Module) -> None:
+def unsplice(model: HookedModel) -> None:
     """Remove every spliced basis; the model is exactly as before."""
     for target in _spliced_targets(model):
-        target._modules[SPLICE_MODULE].handle.remove()
+        module = target._modules[SPLICE_MODULE]
+        assert isinstance(module, BasisSplice) and module.handle is not None
+        module.handle.remove()
 
 
 @contextlib.contextmanager
-def splice(model: nn.Module, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
+def splice(model: HookedModel, basis: InteractionBasis | LayerBasis, hooks: list[str] | None = None,
            error_term: bool = True) -> Iterator[list[SpliceHandle]]:
     """``with splice(model, basis) as handles: ...`` — the basis is spliced in inside the block only."""
     made = splice_into(model, basis, hooks, error_term)
