@@ -18,9 +18,9 @@ def test_pretrained_name_without_hub_fails_clearly(capsys, tmp_path, monkeypatch
 
 @pytest.mark.skipif(hub_reachable(timeout=1.0), reason="the hub is reachable here: nothing to test")
 def test_dataset_name_without_hub_fails_clearly(tmp_path):
-    from tl_degeneracy.cli import load_text_dataset
+    from tl_degeneracy.cli import UsageError, load_text_dataset
 
-    with pytest.raises(SystemExit, match="local text/JSON/parquet"):
+    with pytest.raises(UsageError, match="local text/JSON/parquet"):
         load_text_dataset("surely/not-a-local-path")
 
 

@@ -49,7 +49,7 @@ def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
-def paragraph(text: str) -> str:
+def paragraph(text: object) -> str:
     """One paragraph: every run of whitespace (newlines included) becomes one space."""
     return " ".join(str(text).split())
 
@@ -331,7 +331,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def analyze(args: argparse.Namespace) -> int:
-    from . import CheckpointMismatchError, EmptyDataError, Terminated, UnknownHookError
+    from . import CheckpointMismatchError, EmptyDataError, NonFiniteError, Terminated, UnknownHookError
     from .analysis import AnalysisConfig
     from .analysis import analyze as run_analysis
     from .generations import HubUnavailableError
@@ -345,7 +345,8 @@ def analyze(args: argparse.Namespace) -> int:
     options = dict(hooks=args.hooks, max_tokens=args.tokens, batch_size=args.batch_size, context=args.context,
                    n_probes=args.probes, rtol=args.rtol)
     try:
-        AnalysisConfig(**{k: (tuple(v) if k == "hooks" and v is not None else v) for k, v in options.items()})
+        AnalysisConfig(hooks=None if args.hooks is None else tuple(args.hooks), max_tokens=args.tokens,
+                       batch_size=args.batch_size, context=args.context, n_probes=args.probes, rtol=args.rtol)
     except ValueError as exc:
         fail(paragraph(exc))
     checkpoint = out / CHECKPOINT_NAME
@@ -353,14 +354,15 @@ def analyze(args: argparse.Namespace) -> int:
         print(f"note: --resume: no checkpoint found in {out} ({checkpoint} does not exist); the run starts fresh",
               file=sys.stderr)
     if not args.resume and checkpoint.exists():
-        fail(f"{checkpoint} holds the statistics of an earlier, unfinished run (or one kept with --keep-checkpoint). "
-             "Rerun with --resume to continue it, delete it to start afresh, or pass another --out DIR.")
+        print(f"note: {checkpoint} (an earlier run's checkpoint) will be overwritten: this run starts fresh; "
+              "stop now and rerun with --resume to continue that run instead", file=sys.stderr)
 
     finished = False
     try:
         data = load_text_dataset(args.dataset)
         model = load_model_for_cli(args.model, DTYPES[args.dtype], args.device)
-        n_ctx = int(model.cfg.n_ctx)
+        cfg: Any = model.cfg
+        n_ctx = int(cfg.n_ctx)
         if args.context is not None and args.context > n_ctx:
             fail(f"--context {args.context} is longer than the model's context window (n_ctx={n_ctx}); pass "
                  f"--context {n_ctx} or less, or omit it for min(128, n_ctx).")
@@ -369,12 +371,14 @@ def analyze(args: argparse.Namespace) -> int:
                 resolve_hooks(model, args.hooks)
             except UnknownHookError as exc:
                 fail(unknown_hook_message(exc, args.model))
+            except ValueError as exc:  # e.g. an attention pattern, which has no per-token Gram
+                fail(paragraph(exc))
         try:
             report = run_analysis(model, data, out, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
                                   dataset=args.dataset or EMBEDDED_TEXT, **options)
         except UnknownHookError as exc:
             fail(unknown_hook_message(exc, args.model))
-        except (CheckpointMismatchError, EmptyDataError, HubUnavailableError, ValueError) as exc:
+        except (CheckpointMismatchError, EmptyDataError, HubUnavailableError, NonFiniteError, ValueError) as exc:
             fail(paragraph(exc))
         finished = True
     except KeyboardInterrupt as exc:
@@ -588,6 +592,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print("\ninterrupted", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:  # `tl-degeneracy hooks | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def _is_glob(name: str) -> bool:
 def _unknown(name: str, valid: list[str]) -> UnknownHookError:
     close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
     # Close by suffix too: "hook_resid_pre" alone should point at the per-block names.
-    tail = name.split(".")[-1]
+    tail = leaf(name)
     close += [v for v in valid if v.endswith("." + tail) and v not in close][:5]
     hint = f" Close valid names: {', '.join(close)}." if close else ""
     return UnknownHookError(
@@ -116,7 +116,7 @@ def enable_gated_hooks(model: HookedModel, names: Iterable[str]) -> list[Callabl
     """Switch on the ``set_use_*`` flags the chosen hooks need; return undo callbacks."""
     undo: list[Callable[[], None]] = []
     cfg = getattr(model, "cfg", None)
-    for setter in dict.fromkeys(GATED_HOOKS[n.split(".")[-1]] for n in names if n.split(".")[-1] in GATED_HOOKS):
+    for setter in dict.fromkeys(GATED_HOOKS[leaf(n)] for n in names if leaf(n) in GATED_HOOKS):
         method = getattr(model, setter, None)
         flag = setter.replace("set_", "", 1)
         if method is None or cfg is None:
@@ -141,6 +141,11 @@ def residual_hooks(model: HookedModel) -> list[str]:
     """``hook_resid_pre`` of every block and the final ``hook_resid_post``: the residual stream."""
     n_layers = int(model.cfg.n_layers)
     return [act_name("resid_pre", l) for l in range(n_layers)] + [act_name("resid_post", n_layers - 1)]
+
+
+def leaf(name: str) -> str:
+    """The hook point's own name: ``blocks.0.attn.hook_z`` → ``hook_z``."""
+    return name.rsplit(".", 1)[-1]
 
 
 def layer_of(name: str) -> int | None:

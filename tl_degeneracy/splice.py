@@ -22,7 +22,6 @@ so the skip path sees it too, as on a HookedTransformer.
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Iterator
 
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .generations import HookedModel, describe_model
-from .hook_names import act_name
+from .hook_names import act_name, layer_of
 from .interaction_basis import InteractionBasis, LayerBasis
 
 SPLICE_MODULE = "ib_splice"
@@ -113,13 +112,13 @@ def _set_aliases(model: HookedModel, add: dict[str, str], remove: list[str]) -> 
 
 def _bridge_resid_mid_partner(model: HookedModel, hook: str) -> str | None:
     """For a bridge's resid_mid (really ln2.hook_in) the hook whose output must carry the edit too."""
-    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_mid", hook)
-    if not match:
+    layer = layer_of(hook)
+    if layer is None or hook != act_name("resid_mid", layer):
         return None
     canonical = getattr(model.hook_dict[hook], "name", hook)
     if canonical == hook:
         return None  # HookedTransformer: resid_mid really is the residual stream
-    return act_name("mlp_out", int(match.group(1)))
+    return act_name("mlp_out", layer)
 
 
 class SpliceHandle:
