@@ -56,12 +56,12 @@ def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[
     unembedding) on both TL generations — the bridge ignores ``stop_at_layer == n_layers``.
     Returns the model output, or None when stopped early.
     """
-    pending = {name for name, _ in fwd_hooks}
+    pending = set(range(len(fwd_hooks)))  # by position: one hook point may carry several functions
 
-    def tracked(name: str, fn: Callable) -> Callable:
+    def tracked(index: int, fn: Callable) -> Callable:
         def hook(act: Tensor, hook: Any) -> Any:
             result = fn(act, hook)
-            pending.discard(name)
+            pending.discard(index)
             if stop_early and not pending:
                 raise _StopForward
             return result
@@ -69,7 +69,7 @@ def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[
         return hook
 
     try:
-        with model.hooks(fwd_hooks=[(name, tracked(name, fn)) for name, fn in fwd_hooks]):
+        with model.hooks(fwd_hooks=[(name, tracked(i, fn)) for i, (name, fn) in enumerate(fwd_hooks)]):
             return model(tokens, **kwargs)
     except _StopForward:
         return None
