@@ -231,9 +231,10 @@ def collect(
         bar.close()
         for fn in undo:
             fn()
-    if next_batch < skip:
+    if not replayed:  # the data ended before the batches the checkpoint had consumed
         raise CheckpointMismatchError(f"cannot resume from {ckpt_path}: it has consumed {skip} batches, but this "
-                                      f"data has only {next_batch}")
+                                      "data has fewer. Resuming would mix two data streams; delete the checkpoint "
+                                      "to start afresh.")
     if next_batch == 0:
         raise EmptyDataError("the data yielded no batches; nothing was accumulated")
     if not stats.accumulators:
