@@ -123,7 +123,17 @@ def enable_gated_hooks(model: HookedModel, names: Iterable[str]) -> list[Callabl
             continue
         before = bool(getattr(cfg, flag, False))
         if not before:
-            method(True)
+            try:
+                method(True)
+            except NotImplementedError as exc:  # TL 4.x: not every attention bridge can split heads/inputs
+                for fn in reversed(undo):
+                    fn()
+                gated = sorted({n for n in names if GATED_HOOKS.get(leaf(n)) == setter})
+                raise ValueError(
+                    f"{', '.join(gated)} cannot be collected on this {type(model).__name__}: TransformerLens "
+                    f"refuses {setter}(True) for it ({exc}). Collect hook_z (per head, then W_O) or "
+                    "hook_attn_out instead."
+                ) from None
             undo.append(functools.partial(method, False))
     return undo
 

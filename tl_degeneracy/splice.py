@@ -110,12 +110,19 @@ def _set_aliases(model: HookedModel, add: dict[str, str], remove: list[str]) -> 
         object.__setattr__(model, "hook_aliases", aliases)
 
 
+def module_path(model: HookedModel, module: nn.Module) -> str | None:
+    """Where ``module`` sits in the module tree. On a bridge a legacy hook name is an alias and
+    the path is the canonical one (``blocks.1.hook_resid_mid`` → ``blocks.1.ln2.hook_in``);
+    found by identity, because the bridge renames ``HookPoint.name`` in compatibility mode."""
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
 def _bridge_resid_mid_partner(model: HookedModel, hook: str) -> str | None:
     """For a bridge's resid_mid (really ln2.hook_in) the hook whose output must carry the edit too."""
     layer = layer_of(hook)
     if layer is None or hook != act_name("resid_mid", layer):
         return None
-    canonical = getattr(model.hook_dict[hook], "name", hook)
+    canonical = module_path(model, model.hook_dict[hook])
     if canonical == hook:
         return None  # HookedTransformer: resid_mid really is the residual stream
     return act_name("mlp_out", layer)
@@ -157,7 +164,7 @@ class SpliceHandle:
 
     def _register(self) -> None:
         if _is_bridge(self.model):
-            canonical = self._target.name
+            canonical = module_path(self.model, self._target)
             if canonical and canonical != self.hook:
                 self._aliases = {f"{self.hook}.{p}": f"{canonical}.{p}" for p in POINTS}
                 _set_aliases(self.model, self._aliases, [])
