@@ -290,7 +290,7 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
 
         loss = settings.behavioral_loss
         if readout is not None:
-            space = ProbeMap(readout.k, readout.apply)
+            space = ProbeMap(readout.k, readout.apply, columns=readout.factor.T)
         else:
             state = loss.output_state(z)
             space = ProbeMap(z.shape[-1], lambda xi: loss.apply_factor(xi, state))

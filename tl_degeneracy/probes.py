@@ -43,6 +43,9 @@ class ProbeMap:
 
     k: int
     apply: Callable[[Tensor], Tensor]
+    # apply(e_j) for every j, when it is the same at every position (the residual read-out):
+    # exact probes are then written directly instead of mapped one by one
+    columns: Tensor | None = None
 
 
 def random_probes(z: Tensor, n_probes: int, kind: ProbeKind | str, gen: torch.Generator,
@@ -59,6 +62,15 @@ def exact_probes(z: Tensor, space: ProbeMap) -> Iterator[Tensor]:
     ``Σ_c apply(e_c) apply(e_c)ᵀ = B Bᵀ``."""
     shape = [*z.shape[:-1], space.k]
     per_seq = math.prod(shape[1:])
+    if space.columns is not None:
+        columns = space.columns.to(device=z.device, dtype=z.dtype)
+        positions = math.prod(z.shape[1:-1])
+        for t in range(positions):
+            for j in range(space.k):
+                v = torch.zeros(z.shape[0], positions, z.shape[-1], dtype=z.dtype, device=z.device)
+                v[:, t] = columns[j]
+                yield v.view(z.shape)
+        return
     for c in range(per_seq):
         e_c = torch.zeros(shape[0], per_seq, dtype=z.dtype, device=z.device)
         e_c[:, c] = 1.0

@@ -79,7 +79,7 @@ def find_readout(model: HookedModel) -> LinearReadout | None:
         logits = model(tokens)
     if "r" not in captured or not isinstance(logits, Tensor) or logits.shape[-1] != W.shape[1]:
         return None
-    rebuilt = captured["r"] @ W + (b if isinstance(b, Tensor) else 0.0)
+    rebuilt = captured["r"] @ W.detach() + (b.detach() if isinstance(b, Tensor) else 0.0)
     scale = float(logits.abs().max()) or 1.0
     rtol = CHECK_RTOL.get(logits.dtype, 1e-2)
     if float((rebuilt - logits).abs().max()) > rtol * scale:
