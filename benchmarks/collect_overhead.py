@@ -11,7 +11,8 @@ What is timed, on the same ``--batches`` × ``[batch_size, context]`` random tok
     collect       one ``collect(model, tokens, "blocks.*.hook_resid_pre", batch_size=B,
                   progress=False)`` call over all batches (so its per-call fixed cost counts)
 Breakdown items, over the same number of batches: the forward exactly as collect runs it
-(no-op hooks at the same points, same ``stop_at_layer``), the float64 Gram matmuls alone
+(no-op hooks at the same points, ended once the last one has fired, as
+``batch_pass._forward_until_hooks_fired`` does), the float64 Gram matmuls alone
 (``x.double().T @ x.double()`` for each hook on activations of the same shape), the library's
 per-hook work (``GramAccumulator.from_batch`` + finiteness check), and collect's per-call
 fixed cost (``describe_model``, a float64 checksum of every weight, + ``resolve_hooks``).
@@ -34,24 +35,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt2_shaped import (  # noqa: E402
-    StopForward, add_common_args, build_model, describe_run, emit_result, environment, finish_args,
-    forward_through_blocks, interleaved_medians, model_config, random_tokens, resid_pre_hooks,
+    StopForward,
+    add_common_args,
+    build_model,
+    describe_run,
+    emit_result,
+    environment,
+    finish_args,
+    forward_through_blocks,
+    interleaved_medians,
+    model_config,
+    random_tokens,
+    resid_pre_hooks,
 )
 
 TARGET = 1.10
-
-
-def collect_stop_layer(hooks: list[str]) -> int | None:
-    """The ``stop_at_layer`` collect passes (mirrors ``batch_pass._stop_layer``)."""
-    try:
-        from tl_degeneracy.batch_pass import _stop_layer
-
-        return _stop_layer(None, hooks)  # type: ignore[arg-type]
-    except Exception:
-        import re
-
-        layers = [re.match(r"blocks\.(\d+)\.", h) for h in hooks]
-        return None if any(m is None for m in layers) else max(int(m.group(1)) for m in layers) + 1  # type: ignore[union-attr]
 
 
 def gram_raw(xs: list[torch.Tensor]) -> None:
@@ -107,17 +105,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         last["stats"] = tl_degeneracy.collect(model, tokens, "blocks.*.hook_resid_pre", batch_size=B, progress=False)
 
     # the breakdown items, over the same batches (stand-in activations for the Gram work)
-    stop = collect_stop_layer(hooks)
-    kwargs = {} if stop is None else {"stop_at_layer": stop}
+    from tl_degeneracy.batch_pass import _forward_until_hooks_fired
 
     def noop(act: torch.Tensor, hook: Any) -> None:
         return None
 
     def forward_as_collect() -> None:
+        """collect's own forward: no-op hooks, cut short once the last one has fired."""
         with torch.no_grad():
             for b in batches:
-                with model.hooks(fwd_hooks=[(h, noop) for h in hooks]):
-                    model(b, **kwargs)
+                _forward_until_hooks_fired(model, b, {}, [(h, noop) for h in hooks], stop_early=True)
 
     def forward_early_stop() -> None:
         """The forward collect *could* run: stop as soon as the last hook has fired."""
@@ -158,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("timing (all interleaved): plain, plain_blocks, collect, and the breakdown items ...")
     timing = interleaved_medians({
         "plain": plain, "plain_blocks": plain_blocks, "collect": run_collect,
-        "forward_as_collect": forward_as_collect, "forward_early_stop": forward_early_stop, "grams_raw": grams_raw, "grams_lib": grams_lib,
+        "forward_as_collect": forward_as_collect, "forward_early_stop": forward_early_stop,
+        "grams_raw": grams_raw, "grams_lib": grams_lib,
         "fixed_per_call": fixed_cost,
     }, args.repeats, warmup=False)
     stats = last["stats"]
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [
         ("plain model(tokens)", per_batch["plain"]),
         ("plain, blocks only", per_batch["plain_blocks"]),
-        (f"forward as collect runs it (no-op hooks, stop_at_layer={stop})", per_batch["forward_as_collect"]),
+        ("forward as collect runs it (no-op hooks, stopped after the last)", per_batch["forward_as_collect"]),
         (f"float64 Gram matmuls alone ({len(hooks)} x [{B * T},{d}]^T[{B * T},{d}])", per_batch["grams_raw"]),
         ("library per-hook work (mask index, cast, Gram, sum, finite check)", per_batch["grams_lib"]),
         (f"forward stopped by a raising hook right after {hooks[-1]}", per_batch["forward_early_stop"]),
@@ -209,13 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, value in rows:
         share = 100.0 * value / per_batch["plain"]
         print(f"  {label:<{width}}  {value:8.4f}  ({share:5.1f}% of plain)")
-    stop_note = ("the bridge ignores stop_at_layer == n_layers, so collect still runs ln_final + unembed"
-                 if stop == L and type(model).__name__ == "TransformerBridge" else
-                 "collect stops before ln_final + unembed" if stop is not None else "collect runs the full model")
-    print(f"  note: {stop_note}")
-    print("  note: the projected ratio assumes collect ends the forward once its last hook has fired (a hook")
-    print("        raising a private exception, caught around model(...): skips the rest of the last block, and")
-    print("        ln_final + unembed on both generations) and caches describe_model's weight checksum")
+    print("  note: collect ends the forward once its last hook has fired (the rest of the last block,")
+    print("        ln_final and the unembedding are skipped on both generations)")
+    print("  note: the projected ratio also assumes describe_model's weight checksum is cached")
 
     result = {
         "benchmark": "collect_overhead",
@@ -231,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unexplained_per_batch_s": unexplained / nb,
         "timing": timing,
         "config": {"preset": args.preset, "n_layers": L, "batch_size": B, "context": T, "batches": args.batches,
-                   "repeats": args.repeats, "model_class": type(model).__name__, "stop_at_layer": stop},
+                   "repeats": args.repeats, "model_class": type(model).__name__, "early_stop": True},
         "env": environment(),
     }
     emit_result(result, args)

@@ -24,8 +24,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported lazily so that driver processes (run_all, memory_growth) stay light
     import torch
@@ -50,7 +51,7 @@ def model_config(preset: str = "gpt2", n_layers: int | None = None) -> dict[str,
 
 
 def build_model(preset: str = "gpt2", n_layers: int | None = None, seed: int = 0,
-                dtype: "torch.dtype | None" = None) -> "torch.nn.Module":
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The random model in the installed TL generation (float32 by default), in eval mode."""
     import torch
 

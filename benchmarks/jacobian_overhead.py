@@ -1,4 +1,4 @@
-"""Cost of Jacobian Grams: ``collect(..., jacobians=True, n_probes=S)`` at every
+"""Cost of Jacobian Grams: ``collect(..., jacobians=JacobianConfig(n_probes=S))`` at every
 ``hook_resid_pre`` vs a plain forward + S plain backward passes, on a GPT-2-small-shaped
 random model.
 
@@ -7,7 +7,7 @@ Acceptance figure (issue 3): ``time_collect / time_baseline`` on the same tokens
 Timed on the same ``--batches`` × ``[batch_size, context]`` random tokens, interleaved over
 ``--repeats`` rounds after a warm-up, medians reported:
     collect         ``collect(model, tokens, "blocks.*.hook_resid_pre", batch_size=B,
-                    jacobians=True, n_probes=S, progress=False)``, one call
+                    jacobians=JacobianConfig(n_probes=S), progress=False)``, one call
     grad_resid0     per batch: ``logits = model(batch)`` (grad enabled), then S times
                     ``torch.autograd.grad((logits * v).sum(), resid_pre_0, retain_graph=True)``:
                     gradients to the first residual activation only, no weight grads (the
@@ -36,11 +36,19 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt2_shaped import (  # noqa: E402
-    add_common_args, build_model, describe_run, emit_result, environment, finish_args, interleaved_medians,
-    model_config, random_tokens, resid_pre_hooks,
-)
 from collect_overhead import gram_lib  # noqa: E402
+from gpt2_shaped import (  # noqa: E402
+    add_common_args,
+    build_model,
+    describe_run,
+    emit_result,
+    environment,
+    finish_args,
+    interleaved_medians,
+    model_config,
+    random_tokens,
+    resid_pre_hooks,
+)
 
 TARGET = 1.15
 
@@ -60,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import tl_degeneracy
     from tl_degeneracy.generations import describe_model
+    from tl_degeneracy.losses import MSE
     from tl_degeneracy.probes import random_probes
 
     cfg = model_config(args.preset, args.layers)
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run_collect() -> None:
         last["stats"] = tl_degeneracy.collect(model, tokens, "blocks.*.hook_resid_pre", batch_size=B,
-                                              jacobians=True, n_probes=S, progress=False)
+                                              jacobians=tl_degeneracy.JacobianConfig(n_probes=S), progress=False)
 
     # breakdown items, over the same batches
     sub: dict[str, list[float]] = {"forward_with_graph": [], "S_backward_to_all_hooks": []}
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def draw() -> None:
         for i, _ in enumerate(batches):
             g = torch.Generator().manual_seed(i)
-            for _ in random_probes(torch.empty(B, T, V), S, "rademacher", g, None):
+            for _ in random_probes(torch.empty(B, T, V), S, "rademacher", g, MSE(), None):
                 pass
 
     acts = [torch.randn(B, T, d) for _ in hooks]
@@ -152,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gram_lib(acts, mask)
 
     print("warm-up ...")
-    tl_degeneracy.collect(model, batches[0], "blocks.*.hook_resid_pre", batch_size=B, jacobians=True,
-                          n_probes=1, progress=False)
+    tl_degeneracy.collect(model, batches[0], "blocks.*.hook_resid_pre", batch_size=B,
+                          jacobians=tl_degeneracy.JacobianConfig(n_probes=1), progress=False)
     with model.hooks(fwd_hooks=[(hooks[0], capture(hooks[0]))]):
         logits = model(batches[0])
     torch.autograd.grad((logits * probes[0]).sum(), captured[hooks[0]])
@@ -184,11 +193,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"tokens/s  forward + {S} backward to resid_pre_0 (autograd.grad): {tps['grad_resid0']:9.1f}")
     print(f"tokens/s  forward + {S} .backward() with weight grads:          {tps['backward_w']:9.1f}")
-    print(f"tokens/s  collect(jacobians=True, n_probes={S}), {L} hooks:         {tps['collect']:9.1f}")
+    print(f"tokens/s  collect(jacobians=JacobianConfig(n_probes={S})), {L} hooks: {tps['collect']:9.1f}")
     print(f"RATIO time_collect / time_(forward + {S} x autograd.grad to resid_pre_0) = {ratio:.3f}   "
           f"(target <= {TARGET:.2f}: {'met' if ratio <= TARGET else 'MISSED'})")
     print(f"      time_collect / time_(forward + {S} x .backward() with weight grads) = {ratio_w:.3f}")
-    print(f"      (time_collect - per-call fixed cost) / baseline = {ratio_steady:.3f}   (what a long run converges to)")
+    print(f"      (time_collect - per-call fixed cost) / baseline = {ratio_steady:.3f}   "
+          "(what a long run converges to)")
     spread = {k: f"{v['min']:.2f}-{v['max']:.2f}s" for k, v in timing.items()}
     print(f"      spread over repeats (min-max): {spread}")
     print()

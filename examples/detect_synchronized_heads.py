@@ -19,6 +19,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy.default_model import default_text_dataset, load_model_or_default
 
+
 def load_model(name: str, device: str | None) -> tuple[torch.nn.Module, str]:
     """``--model default`` is the embedded model; otherwise a TL name or local HF folder, falling
     back to the embedded model when the Hugging Face hub cannot be reached."""
@@ -57,20 +58,19 @@ def main() -> None:
     print(f"model: {model_name} as {type(model).__name__}; {L} layers x {H} heads, d_head {d_head}")
 
     start = time.time()
-    # Activation statistics at one cheap hook come along; head_sync=True adds the pattern statistics.
-    stats = tld.collect(model, default_text_dataset(), "blocks.0.hook_resid_pre", head_sync=True,
+    # Activation statistics at one cheap hook come along; the HeadSync observer adds the pattern statistics.
+    stats = tld.collect(model, default_text_dataset(), "blocks.0.hook_resid_pre", observers=[tld.HeadSync()],
                         max_tokens=args.tokens, batch_size=args.batch_size, context=context)
     print(f"data: embedded text, {stats.n_tokens:,} tokens in sequences of {context} ({time.time() - start:.1f} s)")
 
     sync = tld.synchronized_heads(stats, args.threshold, model=model, metric=args.metric, linkage=args.linkage)
-    key = "tv" if args.metric == "tv" else "distance"
     print(f"\nmetric: {sync.meaning}")
     print(f"threshold: {sync.threshold:g} ({sync.linkage} linkage); free directions per synchronized pair: "
           f"2·r_h·r_h', {sync.rank_source}")
     print(f"\n{'layer':>5}  {'synchronized blocks':24s} {'worst':>7} {'threshold':>9} {'freedoms':>9}   closest pair")
     closest = {}
     for layer in sync.layers:
-        dist = stats.head_sync(layer)[key]
+        dist = tld.head_sync_matrices(stats, layer).metric(args.metric)
         i, j, value = closest_pair(dist)
         closest[layer] = value
         blocks = sync.blocks_in(layer)
@@ -87,9 +87,9 @@ def main() -> None:
               "--linkage complete keeps every pair within the threshold)")
 
     layer = args.layer if args.layer is not None else min(closest, key=closest.get)
-    mats = stats.head_sync(layer)
-    dist = mats[key]
-    print(f"\n{args.metric} distance between heads, layer {layer} ({mats['n']:,} query rows):")
+    mats = tld.head_sync_matrices(stats, layer)
+    dist = mats.metric(args.metric)
+    print(f"\n{args.metric} distance between heads, layer {layer} ({mats.n:,} query rows):")
     print("      " + "".join(f"{'h' + str(h):>8}" for h in range(H)))
     for h in range(H):
         print(f"{'h' + str(h):>6}" + "".join(f"{float(v):8.3f}" for v in dist[h]))

@@ -25,6 +25,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy.default_model import default_text_dataset, load_model_or_default
 
+
 def load_model(name: str, device: str | None) -> tuple[torch.nn.Module, str]:
     """``--model default`` is the embedded model; otherwise a TL name or local HF folder, falling
     back to the embedded model when the Hugging Face hub cannot be reached."""
@@ -121,7 +122,7 @@ def main() -> None:
           f"evaluate on {eval_tokens.numel():,} held-out tokens (last {n_eval} sequences)")
 
     start = time.time()
-    stats = tld.collect(model, fit_tokens, hooks, jacobians=True, n_probes=args.probes,
+    stats = tld.collect(model, fit_tokens, hooks, jacobians=tld.JacobianConfig(n_probes=args.probes),
                         batch_size=args.batch_size)
     ib = tld.InteractionBasis.fit(stats, rtol=args.rtol)
     pca = tld.InteractionBasis.fit(stats, scaling="pca", rtol=args.rtol)
@@ -155,7 +156,8 @@ def main() -> None:
         start = time.time()
         res = ablation_losses(model, {"IB": ib, "PCA": pca}, h, eval_tokens, counts, args.batch_size)
         print(f"\nablation at {h} ({time.time() - start:.1f} s)")
-        print(f"{'basis':6s} {'kept':>10s} {'MSE':>11s} {'KL':>11s} {'ΔCE':>11s} {'ΣΛ dropped':>11s} {'KL IB/PCA':>10s}")
+        print(f"{'basis':6s} {'kept':>10s} {'MSE':>11s} {'KL':>11s} {'ΔCE':>11s} {'ΣΛ dropped':>11s} "
+              f"{'KL IB/PCA':>10s}")
         for n in counts:
             for name, basis in (("IB", ib[h]), ("PCA", pca[h])):
                 r = res[(name, n)]
@@ -163,7 +165,8 @@ def main() -> None:
                 dropped = f"{float(basis.eigenvalues[n:].sum()):11.4g}" if name == "IB" else f"{'':>11s}"
                 pca_kl = res[("PCA", n)]["kl"]
                 ratio = f"{r['kl'] / pca_kl:10.3g}" if name == "IB" and pca_kl > 1e-9 else f"{'':>10s}"
-                print(f"{name:6s} {n:>4d}/{str(d) + mark:<5s} {r['mse']:11.4g} {r['kl']:11.4g} {r['dce']:11.4g} {dropped} {ratio}")
+                print(f"{name:6s} {n:>4d}/{str(d) + mark:<5s} {r['mse']:11.4g} {r['kl']:11.4g} {r['dce']:11.4g} "
+                      f"{dropped} {ratio}")
         short = {name: b[h].k for name, b in (("IB", ib), ("PCA", pca)) if b[h].k < d}
         if short:
             print("* nothing ablated: the basis has only " + ", ".join(f"{k} ({name})" for name, k in short.items())

@@ -9,7 +9,6 @@ import base64
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

@@ -40,7 +40,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import re
 import struct
 import subprocess
@@ -93,7 +92,7 @@ class _RReader:
         self.i += 4
         return v
 
-    def header(self) -> "_RReader":
+    def header(self) -> _RReader:
         if self.b[:2] != b"X\n":
             raise ValueError("not an XDR R serialization")
         self.i = 2
@@ -215,7 +214,8 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     )
     tok.train_from_iterator(docs, trainer=trainer)
     if tok.get_vocab_size() != vocab_size or tok.token_to_id(SPECIAL) != 0:
-        raise SystemExit(f"tokenizer came out with {tok.get_vocab_size()} entries / special id {tok.token_to_id(SPECIAL)}")
+        raise SystemExit(f"tokenizer came out with {tok.get_vocab_size()} entries / "
+                         f"special id {tok.token_to_id(SPECIAL)}")
     return tok
 
 
@@ -319,7 +319,8 @@ class GPT(nn.Module):
                 sd[f"{p}.attn.W_{m}"] = getattr(b, f"W_{m}")
                 sd[f"{p}.attn.b_{m}"] = getattr(b, f"b_{m}")
             sd |= {f"{p}.attn.W_O": b.W_O, f"{p}.attn.b_O": b.b_O}
-            sd |= {f"{p}.mlp.W_in": b.W_in, f"{p}.mlp.b_in": b.b_in, f"{p}.mlp.W_out": b.W_out, f"{p}.mlp.b_out": b.b_out}
+            sd |= {f"{p}.mlp.W_in": b.W_in, f"{p}.mlp.b_in": b.b_in,
+                   f"{p}.mlp.W_out": b.W_out, f"{p}.mlp.b_out": b.b_out}
         sd |= {"ln_final.w": self.lnf_w, "ln_final.b": self.lnf_b, "unembed.W_U": self.W_E.T, "unembed.b_U": self.b_U}
         return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()}
 
@@ -462,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
             "uniform": round(math.log(MODEL_CFG["d_vocab"]), 4),
             "train_rows_evaluated": args.train_eval_rows,
             "validation_rows_evaluated": int(val_rows.shape[0]),
-            "measured_on": "rows of BOS + n_ctx-1 tokens, as tokenize_and_concatenate makes them; all predicted positions",
+            "measured_on": ("rows of BOS + n_ctx-1 tokens, as tokenize_and_concatenate makes them; "
+                            "all predicted positions"),
         },
         "reproduce": "python scripts/train_default_model.py",
     }

@@ -28,7 +28,8 @@ class DeepLinear(HookedRootModule):
         for i in range(1, len(dims)):
             lin = nn.Linear(dims[i - 1], dims[i], dtype=torch.float64)
             with torch.no_grad():
-                lin.weight.copy_(torch.randn(dims[i], dims[i - 1], generator=g, dtype=torch.float64) / dims[i - 1] ** 0.5)
+                w = torch.randn(dims[i], dims[i - 1], generator=g, dtype=torch.float64)
+                lin.weight.copy_(w / dims[i - 1] ** 0.5)
                 lin.bias.copy_(0.1 * bias * torch.randn(dims[i], generator=g, dtype=torch.float64))
             self.linears.append(lin)
             self.hooks_after.append(HookPoint())

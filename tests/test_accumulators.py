@@ -47,7 +47,7 @@ def test_merge_is_exact_sum():
 
 def test_empty_accumulator_refuses_to_divide():
     with pytest.raises(ValueError, match="n = 0"):
-        GramAccumulator.zeros(4).gram
+        _ = GramAccumulator.zeros(4).gram
 
 
 def test_stats_save_load_roundtrip(tmp_path):

@@ -1,9 +1,9 @@
 """Streamed Grams equal dense ones from run_with_cache (docs/theory.md §2), on the installed TL generation."""
 import pytest
 import torch
+from dense_reference import dense_activations, rel_err
 
 import tl_degeneracy as tld
-from dense_reference import dense_activations, rel_err
 from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
@@ -94,8 +94,8 @@ def test_padding_does_not_leak_into_jacobian_grams(tiny, tiny_tokens):
     mask = torch.zeros(4, 12, dtype=torch.bool)
     mask[:, :8] = True
     ref = tld.collect(tiny, short, hook, jacobians=tld.JacobianConfig(exact=True), progress=False)
-    got = tld.collect(tiny, [{"tokens": padded, "attention_mask": mask}], hook, jacobians=tld.JacobianConfig(exact=True),
-                      progress=False)
+    got = tld.collect(tiny, [{"tokens": padded, "attention_mask": mask}], hook,
+                      jacobians=tld.JacobianConfig(exact=True), progress=False)
     assert got.n_datapoints(hook) == ref.n_datapoints(hook) == 32
     a, b = got.jacobian_gram(hook), ref.jacobian_gram(hook)
     assert float((a - b).norm() / b.norm()) < 1e-8

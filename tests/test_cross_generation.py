@@ -35,7 +35,8 @@ def _compare_or_skip(name: str, stats: tld.Stats) -> None:
         pytest.skip(f"TL {other} statistics not there yet (saved TL {mine}'s)")
     theirs = tld.Stats.load(theirs_path)
     assert set(theirs.accumulators) == set(stats.accumulators)
-    assert theirs.meta["model"]["class"] != stats.meta["model"]["class"]
+    assert theirs.run.model["class"] != stats.run.model["class"]
+    assert theirs.run.config == stats.run.config and theirs.n_tokens == stats.n_tokens
     for key, acc in stats.accumulators.items():
         for field in ("S", "s"):
             a, b = acc.tensors[field], theirs.accumulators[key].tensors[field]
@@ -44,15 +45,15 @@ def _compare_or_skip(name: str, stats: tld.Stats) -> None:
 
 
 def test_tiny_model_statistics_agree_across_generations(tiny_tokens):
-    stats = tld.collect(tiny_model(seed=0), tiny_tokens, HOOKS, jacobians=True, exact=True,
-                        output_positions=[-1], batch_size=4, progress=False)
+    stats = tld.collect(tiny_model(seed=0), tiny_tokens, HOOKS,
+                        jacobians=tld.JacobianConfig(exact=True, output_positions=[-1]), batch_size=4, progress=False)
     _compare_or_skip("tiny", stats)
 
 
 def test_modadd_statistics_agree_across_generations(modadd_dir):
     model = modadd_model(modadd_dir, dtype=torch.float64)
     stats = tld.collect(model, modadd_dataset("train")[:256], ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z",
-                        "blocks.0.mlp.hook_post"], jacobians=True, n_probes=3, output_positions=[-1],
+                        "blocks.0.mlp.hook_post"], jacobians=tld.JacobianConfig(n_probes=3, output_positions=[-1]),
                         batch_size=64, progress=False)
     _compare_or_skip("modadd", stats)
 
@@ -66,7 +67,7 @@ def test_edits_at_resid_mid_reach_the_skip_path_on_both_generations():
     model = tiny_model(seed=0)
     tokens = torch.randint(0, 23, (16, 12), generator=torch.Generator().manual_seed(2))
     hook = "blocks.1.hook_resid_mid"
-    stats = tld.collect(model, tokens, hook, jacobians=True, n_probes=2, progress=False)
+    stats = tld.collect(model, tokens, hook, jacobians=tld.JacobianConfig(n_probes=2), progress=False)
     basis = InteractionBasis.fit(stats)
 
     def zero_top(f_hat, hook):
@@ -77,6 +78,7 @@ def test_edits_at_resid_mid_reach_the_skip_path_on_both_generations():
         edited = model.run_with_hooks(tokens, fwd_hooks=[(f"{hook}.hook_ib", zero_top)]).detach()
     from tl_degeneracy.accumulators import GramAccumulator
 
+    assert stats.run is not None
     as_stats = tld.Stats({("activations", "edited_logits"): GramAccumulator.from_batch(edited.reshape(-1, 23))},
-                         {"hooks": ["edited_logits"], "n_tokens": 0, "model": stats.meta["model"]})
+                         tld.RunRecord(model=stats.run.model, config={"hooks": ["edited_logits"]}))
     _compare_or_skip("edited_resid_mid", as_stats)

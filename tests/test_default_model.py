@@ -43,7 +43,8 @@ def test_config_and_files_agree():
 
 def test_tokenizer_round_trip():
     tok = default_tokenizer()
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n\nÉmile — naïve café 123!"
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+            "must be in want of a wife.\n\nÉmile — naïve café 123!")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert 0 not in ids and max(ids) < len(tok)
     assert tok.decode(ids) == text

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import jacrev
 
-from tl_degeneracy import collect
+from tl_degeneracy import HeadSync, JacobianConfig, NeuronSync, collect
 from tl_degeneracy.degeneracy_report import (
-    DegeneracyReport, degeneracy_hooks, degeneracy_report, weight_matrices,
+    DegeneracyReport,
+    degeneracy_hooks,
+    degeneracy_report,
+    weight_matrices,
 )
 from tl_degeneracy.generations import model_from_tl_state_dict
 from tl_degeneracy.testing import random_tl_state_dict, tiny_config
@@ -106,8 +109,9 @@ def range_projector(matrix, rtol):
 def collect_all(model, toks, exact=False):
     # Probe estimates of K have exactly the null space of the exact K (g = Jᵀv ∈ range Jᵀ) once
     # the probes span the range: enough for the structural checks, and 8× cheaper here.
-    return collect(model, toks, degeneracy_hooks(model), jacobians=True, exact=exact, n_probes=8,
-                   batch_size=16, head_sync=True, neuron_sync=True, progress=False)
+    jacobians = JacobianConfig(exact=True) if exact else JacobianConfig(n_probes=8)
+    return collect(model, toks, degeneracy_hooks(model), jacobians=jacobians, batch_size=16,
+                   observers=[HeadSync(), NeuronSync()], progress=False)
 
 
 def block_G_K(stats, w):
@@ -152,8 +156,8 @@ def test_counted_free_directions_are_exactly_free_in_the_dense_ggn():
     assert u.rank_K == SMALL["d_vocab"] and u.free_from_K == 0  # MSE output Hessian = identity
     # Whole model: the exact rank is bounded by the K-FAC structural rank.
     total_exact = int((torch.linalg.eigvalsh(ggn) > 1e-10 * torch.linalg.eigvalsh(ggn).max()).sum())
-    assert total_exact <= report.totals["nominal_weights"] - report.totals["free_combined"]
-    assert report.totals["matrices_with_kfac"] == report.totals["matrices"] and not report.missing
+    assert total_exact <= report.totals.nominal_weights - report.totals.free_combined
+    assert report.totals.matrices_with_kfac == report.totals.matrices and not report.missing
     assert DegeneracyReport.from_json(report.to_json()) == report
 
 
@@ -170,7 +174,7 @@ def test_planted_low_rank_input_gives_exactly_d_out_times_missing_dims():
     r, d, dh = 5, SMALL["d_model"], SMALL["d_head"]
     model = build(edit=low_rank_embedding(r), normalization_type=None, act_fn="relu")
     toks = tokens(model, n=16)
-    stats = collect(model, toks, degeneracy_hooks(model), jacobians=True, n_probes=2, progress=False)
+    stats = collect(model, toks, degeneracy_hooks(model), jacobians=JacobianConfig(n_probes=2), progress=False)
     report = degeneracy_report(model, stats)
     for name in ("W_Q", "W_K", "W_V"):
         for h in range(SMALL["n_heads"]):
@@ -194,19 +198,25 @@ def test_missing_statistics_are_named_and_the_rest_is_counted():
     model = build(edit=copy_qk)
     toks = tokens(model, n=8)
     stats = collect(model, toks, ["blocks.0.ln1.hook_normalized", "blocks.0.mlp.hook_post"],
-                    head_sync=True, progress=False)
+                    observers=[HeadSync()], progress=False)
     report = degeneracy_report(model, stats)
     q = report.matrix("W_Q", 0, 1)
     assert q.free_from_G == SMALL["d_head"] and q.rank_K is None and q.kfac_rank is None
     assert any("blocks.0.attn.hook_q" in m and "jacobians=True" in m for m in q.missing)
     assert report.matrix("W_in", 1).rank_G is None
-    assert any("neuron_sync=True" in m for m in report.missing)
-    # W_U needs no Jacobian statistics (MSE output Hessian), only G at ln_final, which is missing.
-    assert report.matrix("W_U").rank_K == SMALL["d_vocab"] and report.matrix("W_U").rank_G is None
-    assert report.totals["matrices_with_kfac"] == 0
+    assert any("observers=[NeuronSync()]" in m for m in report.missing)
+    assert not any("synchronized heads" in m for m in report.missing)
+    assert (report.head_threshold, report.neuron_threshold) == (0.05, None)
+    # W_U's K is the output Hessian of the behavioural loss: without Jacobians no loss was chosen,
+    # so it is reported missing (not guessed), as is G at ln_final.
+    u = report.matrix("W_U")
+    assert u.rank_K is None and u.rank_G is None
+    assert any("no Jacobians were collected" in m for m in u.missing)
+    assert any("ln_final.hook_normalized" in m for m in u.missing)
+    assert report.totals.matrices_with_kfac == 0
     # Synchronized heads are counted from what was collected: one pair, full-rank W_V.
-    assert report.totals["synchronized_head_freedoms"] == 2 * SMALL["d_head"] ** 2
-    assert report.per_layer["0"]["synchronized_head_freedoms"] == 2 * SMALL["d_head"] ** 2
+    assert report.totals.synchronized_head_freedoms == 2 * SMALL["d_head"] ** 2
+    assert report.per_layer["0"].synchronized_head_freedoms == 2 * SMALL["d_head"] ** 2
     assert DegeneracyReport.from_dict(report.to_dict()) == report
     assert not any("checksum" in n for n in report.notes)
     other = degeneracy_report(build(seed=5), stats)
@@ -231,8 +241,8 @@ def comparison(model, toks, taus=(1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2)) -
         eps = tau * top
         rep = degeneracy_report(model, stats, eps=eps, rtol=tau)
         rows.append(f"| {tau:g} | {int((eig > eps).sum())} | {sum(int((e > eps).sum()) for e in blocks)} | "
-                    f"{rep.totals['kfac_rank']} | {rep.totals['kfac_rank'] - generic} | "
-                    f"{rep.totals['nominal_weights'] - rep.totals['free_combined']} |")
+                    f"{rep.totals.kfac_rank} | {rep.totals.kfac_rank - generic} | "
+                    f"{rep.totals.nominal_weights - rep.totals.free_combined} |")
     rep = degeneracy_report(model, stats, eps=1e-8 * top, rtol=1e-8)
     per = ["| matrix | nominal | exact block rank | K-FAC rank | rank_G·rank_K |", "|---|---|---|---|---|"]
     for acc, e in zip(rep.matrices, blocks):
@@ -240,7 +250,7 @@ def comparison(model, toks, taus=(1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2)) -
                    f"{acc.rank_G * acc.rank_K} |")
     head = (f"{type(model).__name__}, config {dict((k, getattr(model.cfg, k)) for k in SMALL)}, "
             f"normalization {model.cfg.normalization_type}, act_fn {model.cfg.act_fn}; "
-            f"{toks.shape[0]} sequences × {toks.shape[1]} positions; {rep.totals['nominal_weights']} weight parameters; "
+            f"{toks.shape[0]} sequences × {toks.shape[1]} positions; {rep.totals.nominal_weights} weight parameters; "
             f"λ_max(GGN) = {top:.4g}")
     return "\n".join([head, "", *rows, "", "Per matrix at τ = 1e-8:", "", *per])
 

@@ -65,7 +65,7 @@ def test_nan_names_hook_and_batch_and_keeps_checkpoint(tmp_path, tiny_tokens):
     message = str(info.value)
     assert "blocks.1.mlp.hook_post" in message and "batch 2" in message
     kept = tld.Stats.load(ckpt)
-    assert kept.meta["progress"]["batches_seen"] == 2
+    assert kept.progress.batches_seen == 2
     clean = tld.collect(tiny_model(seed=0), good, hooks, progress=False)
     for key, acc in clean.accumulators.items():
         assert torch.equal(kept.accumulators[key].tensors["S"], acc.tensors["S"])
@@ -77,7 +77,7 @@ def test_checkpoint_from_other_model_or_hooks_is_refused(tmp_path, tiny_tokens):
     with pytest.raises(tld.CheckpointMismatchError, match="weights"):
         tld.collect(tiny_model(seed=1), tiny_tokens, "blocks.0.hook_resid_pre", checkpoint=ckpt, resume=True,
                     progress=False)
-    with pytest.raises(tld.CheckpointMismatchError, match="hooks differ"):
+    with pytest.raises(tld.CheckpointMismatchError, match=r"hooks: checkpoint has \[.blocks.0.hook_resid_pre.\]"):
         tld.collect(tiny_model(seed=0), tiny_tokens, "blocks.1.hook_resid_pre", checkpoint=ckpt, resume=True,
                     progress=False)
     with pytest.raises(tld.CheckpointMismatchError, match="d_model"):
@@ -87,5 +87,5 @@ def test_checkpoint_from_other_model_or_hooks_is_refused(tmp_path, tiny_tokens):
 
 def test_jacobian_of_hook_after_output_is_an_error(tiny, tiny_tokens):
     with pytest.raises(RuntimeError, match="does not depend"):
-        tld.collect(tiny, tiny_tokens, "blocks.1.hook_resid_post", jacobians=True,
-                    output="blocks.0.hook_resid_post", progress=False)
+        tld.collect(tiny, tiny_tokens, "blocks.1.hook_resid_post",
+                    jacobians=tld.JacobianConfig(output="blocks.0.hook_resid_post"), progress=False)

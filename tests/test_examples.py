@@ -57,7 +57,8 @@ class Run:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self._out = self.proc.communicate()
-                pytest.fail(f"{' '.join(self.cmd)} did not finish in {TIMEOUT} s\n{self._out[0]}\n{self._out[1][-3000:]}")
+                pytest.fail(f"{' '.join(self.cmd)} did not finish in {TIMEOUT} s\n"
+                            f"{self._out[0]}\n{self._out[1][-3000:]}")
         stdout, stderr = self._out
         assert self.proc.returncode == 0, (f"{' '.join(self.cmd)} exited {self.proc.returncode}\n"
                                            f"--- stdout\n{stdout}\n--- stderr\n{stderr[-5000:]}")
@@ -100,14 +101,25 @@ def test_analyze_gpt2(runs):
 
     folder = runs["work"] / "out"
     from tl_degeneracy import DegeneracyReport, Stats
+    from tl_degeneracy.head_sync import SynchronizedHeads
+    from tl_degeneracy.neuron_sync import SynchronizedNeurons
 
     report = DegeneracyReport.from_json((folder / "report.json").read_text())
-    assert report.totals["nominal_weights"] == nominal["total"]
-    assert report.synchronized_heads is not None and report.synchronized_neurons is not None
+    assert report.totals.nominal_weights == nominal["total"]
+    # the account records the synchronisation thresholds; the blocks themselves are in summary.json
+    assert (report.head_threshold, report.neuron_threshold) == (0.05, 1e-3)
     stats = Stats.load(folder / "stats.safetensors")
     assert stats.n_tokens >= 2000 and f"blocks.{L - 1}.hook_resid_post" in stats.jacobian_hooks
+    assert stats.run.jacobians["n_probes"] == 4 and stats.run.config["context"] == 64
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["n_tokens"] == stats.n_tokens and set(summary["per_layer"]) == set(nominal) - {"total"}
+    assert summary["model"] == stats.run.model
+    assert summary["totals"]["nominal_weights"] == nominal["total"]
+    heads = SynchronizedHeads.from_dict(summary["synchronized_heads"])
+    neurons = SynchronizedNeurons.from_dict(summary["synchronized_neurons"])
+    assert heads.threshold == 0.05 and neurons.threshold == 1e-3
+    assert heads.total_freedoms == report.totals.synchronized_head_freedoms
+    assert neurons.total_added_freedoms == report.totals.synchronized_neuron_freedoms
 
 
 ROW = re.compile(r"^(IB|PCA)\s+(\d+)/(\d+)\*?\s+(\S+)\s+(\S+)\s+(\S+)", flags=re.M)
@@ -144,7 +156,7 @@ def test_detect_synchronized_heads_with_gpt2_offline_fallback(runs):
     assert [int(l) for l, _ in layers] == list(range(L)), out
     match = re.search(r"tv distance between heads, layer (\d+)", out)
     assert match and 0 <= int(match.group(1)) < L
-    matrix = re.findall(r"^\s+h(\d+)((?:\s+\d\.\d{3}){%d})$" % H, out, flags=re.M)
+    matrix = re.findall(r"^\s+h(\d+)((?:\s+\d\.\d{3}){" + str(H) + r"})$", out, flags=re.M)
     assert [int(h) for h, _ in matrix] == list(range(H)), out
     values = [[float(v) for v in row.split()] for _, row in matrix]
     assert all(values[i][i] == 0 for i in range(H))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_degeneracy import Stats, collect
+from tl_degeneracy import HeadSync, Stats, collect
 from tl_degeneracy import head_sync as hs
 from tl_degeneracy.generations import model_from_tl_state_dict
 from tl_degeneracy.testing import random_tl_state_dict, tiny_config
@@ -76,20 +76,20 @@ def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference():
     positions = torch.zeros(CTX, dtype=torch.bool)
     positions[[0, 3, 4, 7, 11]] = True  # a position subset: the datapoint mask must be honoured
     stats = collect(model, toks, "blocks.0.hook_resid_pre", positions=positions, batch_size=7,
-                    head_sync=True, progress=False)
+                    observers=[HeadSync()], progress=False)
     for layer in (0, 1):
         got = hs.head_sync_matrices(stats, layer)
         D, TV = dense_head_stats(model, toks, layer, positions.expand(toks.shape[0], CTX))
-        assert got["n"] == toks.shape[0] * int(positions.sum())
-        assert (got["distance"] - D).abs().max() <= 1e-10 * D.abs().max()
-        assert (got["tv"] - TV).abs().max() <= 1e-10 * TV.abs().max()
+        assert got.n == toks.shape[0] * int(positions.sum())
+        assert (got.distance - D).abs().max() <= 1e-10 * D.abs().max()
+        assert (got.tv - TV).abs().max() <= 1e-10 * TV.abs().max()
 
     result = hs.synchronized_heads(stats, threshold=0.05, model=model)
     assert [(b.layer, b.heads) for b in result.blocks] == [(0, [0, 1])]
     assert result.blocks[0].worst_distance < 1e-12
-    assert hs.head_sync_matrices(stats, 0)["distance"][0, 1] < 1e-12
+    assert hs.head_sync_matrices(stats, 0).distance[0, 1] < 1e-12
     # Other pairs are far from synchronized: the threshold has room on both sides.
-    tv0 = hs.head_sync_matrices(stats, 0)["tv"]
+    tv0 = hs.head_sync_matrices(stats, 0).tv
     assert tv0[~torch.eye(N_HEADS, dtype=torch.bool)].sort().values[2] > 0.1
     assert result.freedoms_per_layer == {0: 2 * D_HEAD**2, 1: 0}
     assert result.meaning and result.threshold == 0.05
@@ -100,7 +100,7 @@ def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference():
 @pytest.mark.models
 def test_random_model_has_no_synchronized_pair():
     model = build(seed=3)
-    stats = collect(model, tokens(), "blocks.0.hook_resid_pre", head_sync=True, progress=False)
+    stats = collect(model, tokens(), "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
     result = hs.synchronized_heads(stats, threshold=0.05)
     assert result.blocks == [] and result.total_freedoms == 0
     for metric in ("tv", "squared"):
@@ -131,7 +131,7 @@ def test_all_heads_attending_to_first_token_form_one_block():
     toks = tokens()
     _, cache = model.run_with_cache(toks)
     assert cache["blocks.0.attn.hook_pattern"][..., 0].min() > 1 - 1e-9  # the construction works
-    stats = collect(model, toks, "blocks.0.hook_resid_pre", head_sync=[0], progress=False)
+    stats = collect(model, toks, "blocks.0.hook_resid_pre", observers=[HeadSync(layers=[0])], progress=False)
     result = hs.synchronized_heads(stats, threshold=0.01, model=model)
     assert [(b.layer, b.heads) for b in result.blocks] == [(0, list(range(N_HEADS)))]
     assert result.blocks[0].worst_distance < 1e-9
@@ -146,7 +146,7 @@ def test_value_rank_adjusts_the_freedoms():
         sd["blocks.0.attn.W_V"][1][:, 0] = sd["blocks.0.attn.W_V"][1][:, 1]  # rank d_head − 1
 
     model = build(edit=plant)
-    stats = collect(model, tokens(8), "blocks.0.hook_resid_pre", head_sync=True, progress=False)
+    stats = collect(model, tokens(8), "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
     adjusted = hs.synchronized_heads(stats, model=model)
     assert adjusted.blocks[0].value_ranks == [D_HEAD, D_HEAD - 1]
     assert adjusted.freedoms_per_layer[0] == 2 * D_HEAD * (D_HEAD - 1)
@@ -158,16 +158,16 @@ def test_value_rank_adjusts_the_freedoms():
 def test_streamed_sums_merge_save_and_load(tmp_path):
     model = build(edit=copy_qk_head0_into_head1)
     toks = tokens(12)
-    whole = collect(model, toks, "blocks.0.hook_resid_pre", head_sync=True, progress=False)
-    a = collect(model, toks[:5], "blocks.0.hook_resid_pre", head_sync=True, progress=False)
-    b = collect(model, toks[5:], "blocks.0.hook_resid_pre", head_sync=True, progress=False)
-    merged = a.merge(b)
+    whole = collect(model, toks, "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
+    a = collect(model, toks[:5], "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
+    b = collect(model, toks[5:], "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
+    merged = a + b
     for layer in (0, 1):
         x, y = hs.head_sync_matrices(whole, layer), hs.head_sync_matrices(merged, layer)
-        assert torch.allclose(x["gram"], y["gram"], rtol=1e-12, atol=0) and x["n"] == y["n"]
+        assert torch.allclose(x.gram, y.gram, rtol=1e-12, atol=0) and x.n == y.n
     whole.save(tmp_path / "s.safetensors")
     loaded = Stats.load(tmp_path / "s.safetensors")
     assert isinstance(loaded.accumulators[("head_sync", "blocks.0.attn.hook_pattern")], hs.HeadSyncAccumulator)
-    assert torch.equal(hs.head_sync_matrices(loaded, 0)["tv"], hs.head_sync_matrices(whole, 0)["tv"])
-    with pytest.raises(KeyError, match="head_sync=True"):
+    assert torch.equal(hs.head_sync_matrices(loaded, 0).tv, hs.head_sync_matrices(whole, 0).tv)
+    with pytest.raises(KeyError, match=r"observers=\[HeadSync\(\)\]"):
         hs.head_sync_matrices(collect(model, toks, "blocks.0.hook_resid_pre", progress=False), 0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tl_degeneracy.generations import installed_generation
+from tl_degeneracy.head_sync import head_sync_matrices
 
 pytestmark = pytest.mark.models
 
@@ -72,10 +73,13 @@ def test_batches_have_no_padding(ex, reduced):
     assert all(int(b["tokens"][0, 0]) == 101 and int(b["tokens"][0, -1]) == 102 for b in batches)  # [CLS] … [SEP]
 
 
-def test_grams_and_interaction_basis(reduced):
+def test_grams_and_interaction_basis(ex, reduced):
     _, hooks, result = reduced
     stats, ib = result["stats"], result["ib"]
     assert stats.hooks == hooks and stats.jacobian_hooks == hooks
+    jac = stats.run.jacobians  # the recorded JacobianConfig: probes of the final hidden state, MSE
+    assert (jac["output"], jac["n_probes"], jac["loss"], jac["exact"]) == (ex.OUTPUT_HOOK, 1, "mse", False)
+    assert [o["kind"] for o in stats.run.config["observers"]] == ["head_sync"]
     for hook in hooks:
         G, M = stats.covariance(hook), stats.jacobian_gram(hook)
         assert G.shape == M.shape == (384, 384)
@@ -93,9 +97,9 @@ def test_head_sync_matrices(reduced):
     stats = result["stats"]
     assert [r["layer"] for r in result["heads"]] == list(range(6))
     for layer in range(6):
-        mats = stats.head_sync(layer)
-        tv, dist, gram = mats["tv"], mats["distance"], mats["gram"]
-        assert tv.shape == (12, 12) and mats["n"] == result["n_tokens"]  # every query row counted
+        mats = head_sync_matrices(stats, layer)
+        tv, dist, gram = mats.tv, mats.distance, mats.gram
+        assert tv.shape == (12, 12) and mats.n == result["n_tokens"]  # every query row counted
         torch.testing.assert_close(tv, tv.T)
         assert float(tv.diagonal().abs().max()) == 0.0 and float(dist.diagonal().abs().max()) == 0.0
         assert float(tv.min()) >= 0.0 and float(tv.max()) <= 1.0 + 1e-12

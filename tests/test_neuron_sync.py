@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_degeneracy import Stats, collect
+from tl_degeneracy import NeuronSync, Stats, collect
 from tl_degeneracy import neuron_sync as ns
 from tl_degeneracy.generations import model_from_tl_state_dict
 from tl_degeneracy.testing import random_tl_state_dict, tiny_config
@@ -51,24 +51,24 @@ def test_streamed_cost_matches_dense_reference():
     model = build(seed=2)  # GELU
     toks = tokens()
     positions = [0, 2, 5, -1]
-    stats = collect(model, toks, HOOK, positions=positions, batch_size=5, neuron_sync=True, progress=False)
+    stats = collect(model, toks, HOOK, positions=positions, batch_size=5, observers=[NeuronSync()], progress=False)
     mask = torch.zeros(toks.shape, dtype=torch.bool)
     mask[:, [0, 2, 5, CTX - 1]] = True
     for layer in (0, 1):
         got = ns.neuron_sync_matrices(stats, layer)
         ref = dense_cost(model, toks, layer, mask)
-        assert got["n"] == int(mask.sum())
-        assert (got["cost"] - ref).abs().max() <= 1e-10 * ref.abs().max()
+        assert got.n == int(mask.sum())
+        assert (got.cost - ref).abs().max() <= 1e-10 * ref.abs().max()
         _, cache = model.run_with_cache(toks)
         p = cache[f"blocks.{layer}.mlp.hook_pre"][mask]
-        assert torch.allclose(got["preact_gram"], p.T @ p / p.shape[0], rtol=1e-12, atol=1e-14)
-        assert torch.equal(got["fires"], (p > 0).sum(0))
+        assert torch.allclose(got.preact_gram, p.T @ p / p.shape[0], rtol=1e-12, atol=1e-14)
+        assert torch.equal(got.fires, (p > 0).sum(0))
 
 
 @pytest.mark.models
 def test_planted_relu_blocks_span_and_dead_neurons(tmp_path):
     model = build(edit=plant, act_fn="relu")
-    stats = collect(model, tokens(), HOOK, neuron_sync=True, batch_size=10, progress=False)
+    stats = collect(model, tokens(), HOOK, observers=[NeuronSync()], batch_size=10, progress=False)
     result = ns.synchronized_neurons(stats, threshold=1e-3, model=model)
     layer0 = result.layers[0]
     assert layer0.dead == [5, 9]
@@ -87,7 +87,7 @@ def test_planted_relu_blocks_span_and_dead_neurons(tmp_path):
     # The random second layer has nothing planted.
     assert result.layers[1].blocks == [] and result.layers[1].dead == []
     # Costs outside the planted blocks are far above the threshold.
-    cost = ns.neuron_sync_matrices(stats, 0)["cost"]
+    cost = ns.neuron_sync_matrices(stats, 0).cost
     live_random = [j for j in range(D_MLP) if j not in (0, 1, 2, 5, 9, 10, 11, 12)]
     sub = cost[live_random][:, live_random]
     assert torch.maximum(sub, sub.T)[~torch.eye(len(live_random), dtype=torch.bool)].min() > 1e-2
@@ -103,11 +103,11 @@ def test_planted_relu_blocks_span_and_dead_neurons(tmp_path):
 def test_gelu_duplicate_is_synchronized_but_rescaled_copy_is_not():
     # GELU's firing pattern Φ(p) is not scale invariant, unlike ReLU's step.
     model = build(edit=plant, act_fn="gelu")
-    stats = collect(model, tokens(), HOOK, neuron_sync=[0], progress=False)
+    stats = collect(model, tokens(), HOOK, observers=[NeuronSync(layers=[0])], progress=False)
     result = ns.synchronized_neurons(stats, 0, threshold=1e-3)
     assert [b.neurons for b in result.layers[0].blocks if 0 in b.neurons] == [[0, 1]]
     assert result.layers[0].blocks[0].s_a == 1
-    cost = ns.neuron_sync_matrices(stats, 0)["cost"]
+    cost = ns.neuron_sync_matrices(stats, 0).cost
     assert cost[0, 1] < 1e-12 and cost[1, 0] < 1e-12
     assert min(cost[0, 2], cost[2, 0]) > 1e-3
     assert result.layers[0].dead == [5, 9]
@@ -117,7 +117,7 @@ def test_gelu_duplicate_is_synchronized_but_rescaled_copy_is_not():
 def test_missing_statistics_say_how_to_collect():
     model = build()
     stats = collect(model, tokens(4), HOOK, progress=False)
-    with pytest.raises(KeyError, match="neuron_sync=True"):
+    with pytest.raises(KeyError, match=r"observers=\[NeuronSync\(\)\]"):
         ns.synchronized_neurons(stats)
     with pytest.raises(ValueError, match="do not exist"):
-        collect(model, tokens(4), HOOK, neuron_sync=[7], progress=False)
+        collect(model, tokens(4), HOOK, observers=[NeuronSync(layers=[7])], progress=False)

@@ -4,13 +4,15 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.interaction_basis import InteractionBasis
-from tl_degeneracy.splice import splice, splice_into, unsplice
+from tl_degeneracy.splice import SpliceHandle, splice, splice_into, unsplice
 from tl_degeneracy.testing import modadd_dataset, modadd_model, tiny_model
 
 pytestmark = pytest.mark.models
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
 TOKENS = torch.randint(0, 23, (32, 12), generator=torch.Generator().manual_seed(0))
+def _missing_points(model, handles):
+    return [name for handle in handles for name in handle.names if name not in model.hook_dict]
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +22,26 @@ def model32():
 
 @pytest.fixture(scope="module")
 def basis(model32):
-    stats = tld.collect(model32, TOKENS, HOOKS, jacobians=True, n_probes=4, progress=False)
+    stats = tld.collect(model32, TOKENS, HOOKS, jacobians=tld.JacobianConfig(n_probes=4), progress=False)
     return InteractionBasis.fit(stats)
 
 
 def test_spliced_logits_equal_plain(model32, basis):
     plain = model32(TOKENS)
     hooks_before = set(model32.hook_dict)
-    with splice(model32, basis):
+    with splice(model32, basis) as handles:
         spliced = model32(TOKENS)
-        assert {f"{h}.hook_ib" for h in HOOKS} <= set(model32.hook_dict)
+        assert isinstance(handles, list) and all(isinstance(h, SpliceHandle) for h in handles)
+        names = [f"{h}.{p}" for h in HOOKS for p in ("hook_ib", "hook_ib_error")]
+        assert [n for h in handles for n in h.names] == names
+        assert all(any(m is h.module for m in model32.modules()) for h in handles)
+        missing = _missing_points(model32, handles)
     assert float((spliced - plain).detach().abs().max()) < 1e-5
     assert set(model32.hook_dict) == hooks_before  # restored exactly
     assert torch.equal(model32(TOKENS), plain)
     assert not any("ib_splice" in name for name, _ in model32.named_modules())
+    assert not hasattr(model32, "_tl_degeneracy_splices")  # nothing but modules is stored on the model
+    assert not missing  # every point under the name the user asked for (on a bridge, resid_mid too)
 
 
 def test_hook_ib_in_cache_and_hooks_forward_and_backward(model32, basis):
@@ -66,18 +74,64 @@ def test_error_term_and_pure_reconstruction(model32, basis):
     plain = model32(TOKENS)
     with splice(model32, basis, hooks=[hook], error_term=False):
         recon = model32(TOKENS)
+    # The truncated basis really drops part of the activation (LayerNorm's all-ones direction) ...
     lost = float(expected_error.norm() / centered.norm())
-    assert lost > 0 and float((recon - plain).detach().abs().max()) > 1e-6 or lost < 1e-6
+    assert lost > 0.01, lost
+    # ... which pure reconstruction removes: the spliced value is μ + C⁺C(f − μ), not f ...
+    with splice(model32, basis, hooks=[hook], error_term=False) as (handle,):
+        with torch.no_grad():
+            spliced_f = handle.module(cache[hook]).double()
+    assert torch.allclose(spliced_f, f - expected_error, atol=1e-5)
+    assert float((spliced_f - f).norm() / centered.norm()) == pytest.approx(lost, rel=1e-3)
+    # ... and the output does not depend on it (its Λ is 0): the logits are unchanged to float32 rounding,
+    assert float((recon - plain).detach().abs().max()) < 1e-4 * float(plain.detach().abs().max())
+    # whereas dropping a kept direction (Λ > 0) changes them.
+    def drop_top(f_hat, hook):
+        f_hat[..., 0] = 0.0
+        return f_hat
+
+    with splice(model32, basis, hooks=[hook], error_term=False):
+        edited = model32.run_with_hooks(TOKENS, fwd_hooks=[(f"{hook}.hook_ib", drop_top)])
+    assert float((edited - plain).detach().abs().max()) > 1e-2 * float(plain.detach().abs().max())
 
 
 def test_permanent_splice_and_unsplice(model32, basis):
     plain = model32(TOKENS)
-    splice_into(model32, basis)
+    hooks_before = set(model32.hook_dict)
+    handles = splice_into(model32, basis)
+    assert [h.hook for h in handles] == HOOKS
     with pytest.raises(ValueError, match="already"):
         splice_into(model32, basis)
     assert float((model32(TOKENS) - plain).detach().abs().max()) < 1e-5
+    handles[0].remove()  # one splice out, the others stay
+    handles[0].remove()  # idempotent
+    assert "blocks.0.hook_resid_pre.hook_ib" not in model32.hook_dict
+    assert "blocks.1.hook_resid_post.hook_ib" in model32.hook_dict
+    splice_into(model32, basis, hooks=[HOOKS[0]])  # the removed one can be spliced again
     unsplice(model32)
+    assert set(model32.hook_dict) == hooks_before
+    assert not any("ib_splice" in name for name, _ in model32.named_modules())
     assert torch.equal(model32(TOKENS), plain)
+
+
+def test_resid_mid_edit_is_the_same_on_every_splice(basis):
+    """An edit of resid_mid's coordinates has the same effect each time the basis is spliced in
+    (on a TransformerBridge the splice also carries it past ln2.hook_in, onto the skip path)."""
+    model = tiny_model(seed=0, dtype=torch.float32)  # fresh: no earlier splice has touched its hook registry
+    hook = "blocks.1.hook_resid_mid"
+
+    def drop_top(f_hat, hook):
+        f_hat[..., 0] = 0.0
+        return f_hat
+
+    plain = model(TOKENS).detach()
+    outs = []
+    for _ in range(3):
+        with splice(model, basis, hooks=[hook]):
+            outs.append(model.run_with_hooks(TOKENS, fwd_hooks=[(f"{hook}.hook_ib", drop_top)]).detach())
+        assert torch.equal(model(TOKENS).detach(), plain)  # and each time fully undone
+    assert float((outs[0] - plain).abs().max()) > 1e-2  # the edit does something
+    assert torch.allclose(outs[1], outs[0], atol=1e-5) and torch.allclose(outs[2], outs[0], atol=1e-5)
 
 
 def test_mismatched_basis_is_refused(basis):
@@ -92,8 +146,9 @@ def test_ablating_small_lambda_costs_far_less_than_large(modadd_dir):
     model = modadd_model(modadd_dir, dtype=torch.float64)
     tokens = modadd_dataset("train")[:1000]
     hook = "blocks.0.hook_resid_post"
-    stats = tld.collect(model, tokens, hook, positions=[-1], jacobians=True, n_probes=8,
-                        output_positions=[-1], batch_size=500, progress=False)
+    stats = tld.collect(model, tokens, hook, positions=[-1],
+                        jacobians=tld.JacobianConfig(n_probes=8, output_positions=[-1]), batch_size=500,
+                        progress=False)
     layer = InteractionBasis.fit(stats)[hook]
     with torch.no_grad():
         plain = model(tokens)[:, -1]

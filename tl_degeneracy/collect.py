@@ -240,6 +240,7 @@ def collect(
     if not stats.accumulators:
         raise EmptyDataError(f"rank {rank} of {world} received no batch; use fewer processes or more data")
     save_checkpoint()  # before any all-reduce: per-rank files must hold per-rank sums
+    stats.progress = Progress(next_batch, tokens_seen, digest, world)
     if world > 1:
         stats.all_reduce()
     return stats
