@@ -105,7 +105,7 @@ class JacobianConfig:
     seed: int = 0
     probe_chunk: int | None = None
     probe_space: ProbeSpace | str = ProbeSpace.AUTO
-    chunk_budget_bytes: int = 2**30
+    chunk_budget_bytes: int = 256 * 2**20
     output_transform: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
     output_transform_id: str | None = None
 
