@@ -2,7 +2,8 @@
 ``hook_resid_pre`` vs a plain forward + S plain backward passes, on a GPT-2-small-shaped
 random model.
 
-Acceptance figure (issue 3): ``time_collect / time_baseline`` on the same tokens, target ≤ 1.15.
+Acceptance figure: ``time_collect / time_baseline`` on the same tokens, target ≤ 0.90 (issue 11;
+it was ≤ 1.15 before probes moved to the residual basis, ``readout.py``).
 
 Timed on the same ``--batches`` × ``[batch_size, context]`` random tokens, interleaved over
 ``--repeats`` rounds after a warm-up, medians reported:
@@ -18,9 +19,10 @@ The probes ``v`` of the baselines are Rademacher tensors drawn *before* timing (
 is conservative); collect draws its probes inside the timed call.
 
 Breakdown items, over the same batches and interleaved with the above: forward with graph +
-S backward passes to the 12 captured activations (what collect does, minus the rest), probe
-drawing (``tl_degeneracy.probes.random_probes``), the (S + 1) × 12 float64 Grams (activation +
-Jacobian) and collect's per-call fixed cost (``describe_model``).
+S backward passes from the logits to the 12 captured activations (the vocabulary-probe path),
+probe drawing as collect draws them (``random_probes`` in the residual basis where the model
+allows it), the (S + 1) × 12 float64 Grams (activation + Jacobian) and collect's per-call fixed
+cost (``describe_model``).
 
     python benchmarks/jacobian_overhead.py --batch-size 1 --context 128 --probes 2 --batches 1 --repeats 3
     python benchmarks/jacobian_overhead.py --quick
@@ -50,7 +52,7 @@ from gpt2_shaped import (  # noqa: E402
     resid_pre_hooks,
 )
 
-TARGET = 1.15
+TARGET = 0.90  # issue 11: beat the naive baseline (was 1.15 in issue 3)
 
 
 def rademacher(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import tl_degeneracy
     from tl_degeneracy.generations import describe_model
-    from tl_degeneracy.losses import MSE
-    from tl_degeneracy.probes import random_probes
+    from tl_degeneracy.probes import ProbeMap, random_probes
+    from tl_degeneracy.readout import find_readout
 
     cfg = model_config(args.preset, args.layers)
     L, d, V, B, T = cfg["n_layers"], cfg["d_model"], cfg["d_vocab"], args.batch_size, args.context
@@ -146,10 +148,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sub["forward_with_graph"].append(t_f)
         sub["S_backward_to_all_hooks"].append(t_b)
 
+    readout = find_readout(model)  # collect's probes live in the residual basis when this exists
+    space = ProbeMap(V, lambda xi: xi) if readout is None else ProbeMap(readout.k, readout.apply)
+    z_shape = (B, T, V if readout is None else d)
+
     def draw() -> None:
         for i, _ in enumerate(batches):
             g = torch.Generator().manual_seed(i)
-            for _ in random_probes(torch.empty(B, T, V), S, "rademacher", g, MSE(), None):
+            for _ in random_probes(torch.empty(z_shape), S, "rademacher", g, space):
                 pass
 
     acts = [torch.randn(B, T, d) for _ in hooks]

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from .accumulators import AdditiveAccumulator, GramAccumulator
-from .config import JacobianConfig, RunConfig
+from .config import JacobianConfig, ProbeSpace, RunConfig
 from .data import TokenBatch
 from .generations import HookedModel
 from .positions import position_mask
-from .probes import batch_generator, exact_probes, random_probes
+from .probes import ProbeMap, batch_generator, exact_probes, random_probes
 from .stats import ACTIVATIONS, JACOBIANS
 
 
@@ -24,8 +24,20 @@ class NonFiniteError(FloatingPointError):
     """NaN or Inf in an activation or gradient; names the hook point and the batch."""
 
 
-def _check_finite(acc: GramAccumulator, what: str, hook: str, batch_index: int) -> None:
-    if not bool(torch.isfinite(acc.tensors["s"]).all()) or not bool(torch.isfinite(acc.tensors["S"].diagonal()).all()):
+class _FiniteChecks:
+    """Finiteness of every accumulator of a batch, checked with one device sync per batch."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Tensor, str, str]] = []
+
+    def add(self, acc: GramAccumulator, what: str, hook: str) -> None:
+        flag = torch.isfinite(acc.tensors["s"]).all() & torch.isfinite(acc.tensors["S"].diagonal()).all()
+        self.items.append((flag, what, hook))
+
+    def check(self, batch_index: int) -> None:
+        if not self.items or bool(torch.stack([flag for flag, _, _ in self.items]).all()):
+            return
+        what, hook = next((w, h) for flag, w, h in self.items if not bool(flag))
         raise NonFiniteError(
             f"non-finite {what} (NaN or Inf) at hook point {hook!r} in batch {batch_index}; "
             "nothing from this batch was added. Check the model's dtype (float16 overflows) and "
@@ -75,6 +87,39 @@ def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[
         return None
 
 
+class _Masks:
+    """The ``[batch, pos]`` datapoint mask of each hook (one per distinct position selection)."""
+
+    def __init__(self, plan: RunConfig, batch: int, seq: int, attention_mask: Tensor | None, device: torch.device):
+        self.plan, self.args = plan, (batch, seq, attention_mask, device)
+        self._by_spec: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+    def _get(self, spec: Any) -> tuple[Tensor, Tensor | None]:
+        key = id(spec)
+        if key not in self._by_spec:
+            B, T, attention_mask, device = self.args
+            mask = position_mask(spec, B, T, attention_mask, device=device)
+            # select=None (every position) lets _datapoints take a view; decided once per spec and batch
+            self._by_spec[key] = (mask, None if bool(mask.all()) else mask)
+        return self._by_spec[key]
+
+    def mask(self, hook: str) -> Tensor:
+        return self._get(self.plan.positions_of(hook))[0]
+
+    def select(self, hook: str) -> Tensor | None:
+        return self._get(self.plan.positions_of(hook))[1]
+
+    @property
+    def observers(self) -> Tensor:
+        return self._get(self.plan.observer_positions)[0]
+
+
+def _to_device(tokens: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda":  # pinned host memory: an asynchronous copy
+        return tokens.pin_memory().to(device, non_blocking=True)
+    return tokens.to(device)
+
+
 def run_batch(
     model: HookedModel,
     batch: TokenBatch,
@@ -82,21 +127,23 @@ def run_batch(
     batch_index: int,
 ) -> dict[tuple[str, str], AdditiveAccumulator]:
     """Every accumulator's contribution from one batch (nothing is added anywhere)."""
-    tokens = batch.tokens.to(_device(model))
+    device = _device(model)
+    tokens = _to_device(batch.tokens, device)
     B, T = tokens.shape
-    mask = position_mask(plan.positions, B, T, batch.attention_mask, device=tokens.device)
-    select = None if bool(mask.all()) else mask  # checked once per batch, not once per hook
+    attention_mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+    masks = _Masks(plan, B, T, attention_mask, device)
+    checks = _FiniteChecks()
     out: dict[tuple[str, str], AdditiveAccumulator] = {}
     observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
-    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(tokens.device)}
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
 
     if plan.jacobians is None:
         cache: dict[str, Tensor] = {}
 
         def gram_hook(name: str):
             def hook(act: Tensor, hook: Any) -> None:
-                acc = GramAccumulator.from_batch(_datapoints(act, select))
-                _check_finite(acc, "activations", name, batch_index)
+                acc = GramAccumulator.from_batch(_datapoints(act, masks.select(name)))
+                checks.add(acc, "activations", name)
                 out[(ACTIVATIONS, name)] = acc
 
             return hook
@@ -111,10 +158,13 @@ def run_batch(
         with torch.no_grad():
             _forward_until_hooks_fired(model, tokens, kwargs, fwd, stop_early=True)
         for obs in plan.observers:
-            out.update(obs.compute(cache, mask))
+            out.update(obs.compute(cache, masks.observers))
+        checks.check(batch_index)
         return out
 
-    return _run_batch_with_jacobians(model, tokens, mask, select, plan, batch_index, kwargs, out)
+    _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, out, checks)
+    checks.check(batch_index)
+    return out
 
 
 def _device(model: HookedModel) -> torch.device:
@@ -170,8 +220,12 @@ def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[T
 
 
 def _output_of(logits: Tensor | None, captured: dict[str, Tensor], settings: JacobianConfig,
-               attention_mask: Tensor | None = None) -> Tensor:
-    if settings.output_hook is None:
+               readout_hook: str | None, attention_mask: Tensor | None = None) -> Tensor:
+    """The output ``z`` whose Jacobians are taken: logits, a callable of them, a hook (optionally
+    transformed), or the unembedding's input ``r`` when probes live in the residual basis."""
+    if readout_hook is not None:
+        z = captured[readout_hook]
+    elif settings.output_hook is None:
         assert logits is not None, "the forward was stopped before the logits"
         z = settings.output(logits) if callable(settings.output) else logits
     else:
@@ -188,10 +242,22 @@ def _output_of(logits: Tensor | None, captured: dict[str, Tensor], settings: Jac
     return z
 
 
-def _run_batch_with_jacobians(model, tokens, mask, select, plan: RunConfig, batch_index: int, kwargs: dict,
-                              out: dict) -> dict:
+def _probe_chunk(settings: JacobianConfig, z: Tensor, inputs: list[Tensor]) -> int:
+    """Probes per vmapped backward pass: as many as the memory budget holds (1 to 64)."""
+    if settings.probe_chunk is not None:
+        return settings.probe_chunk
+    per_probe = (z.numel() + sum(x.numel() for x in inputs)) * z.element_size() * 2  # grads + their float64 view
+    budget = settings.chunk_budget_bytes
+    if z.device.type == "cuda":
+        budget = max(budget, torch.cuda.mem_get_info(z.device)[0] // 2)
+    return int(max(1, min(64, budget // max(per_probe, 1))))
+
+
+def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunConfig, batch_index: int,
+                              kwargs: dict, out: dict, checks: _FiniteChecks) -> None:
     settings = plan.jacobians
     assert settings is not None
+    readout = plan.readout if settings.probe_space is ProbeSpace.RESIDUAL else None
     captured: dict[str, Tensor] = {}
 
     def capture(name: str):
@@ -205,34 +271,40 @@ def _run_batch_with_jacobians(model, tokens, mask, select, plan: RunConfig, batc
         return hook
 
     observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
-    extra = [settings.output_hook] if settings.output_hook is not None else []
+    output_hook = readout.hook if readout is not None else settings.output_hook
+    extra = [output_hook] if output_hook is not None else []
     names = list(dict.fromkeys([*plan.hooks, *observer_hooks, *extra]))
     with torch.enable_grad(), _ParamsRequireGrad(model):
-        # local analysis (output = a hook): nothing after the last needed hook is run
+        # Output at a hook (local analysis, or the unembedding's input): nothing after it is run.
         logits = _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in names],
                                             stop_early=bool(extra))
-        z = _output_of(logits, captured, settings, kwargs.get("attention_mask"))
+        z = _output_of(logits, captured, settings, None if readout is None else readout.hook,
+                       kwargs.get("attention_mask"))
 
         for name in plan.hooks:
-            acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), select))
-            _check_finite(acc, "activations", name, batch_index)
+            acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), masks.select(name)))
+            checks.add(acc, "activations", name)
             out[(ACTIVATIONS, name)] = acc
         for obs in plan.observers:
-            out.update(obs.compute({k: v.detach() for k, v in captured.items()}, mask))
+            out.update(obs.compute({k: v.detach() for k, v in captured.items()}, masks.observers))
 
         loss = settings.behavioral_loss
-        state = loss.output_state(z)
+        if readout is not None:
+            space = ProbeMap(readout.k, readout.apply, columns=readout.factor.T)
+        else:
+            state = loss.output_state(z)
+            space = ProbeMap(z.shape[-1], lambda xi: loss.apply_factor(xi, state))
         probes: Iterable[Tensor]
         if settings.exact:
-            probes, weight = exact_probes(z, loss, state), 1.0
+            probes, weight = exact_probes(z, space), 1.0
         else:
             assert settings.n_probes is not None
             gen = batch_generator(settings.seed, batch_index, z.device)
-            probes = random_probes(z, settings.n_probes, settings.probe, gen, loss, state)
+            probes = random_probes(z, settings.n_probes, settings.probe, gen, space)
             weight = 1.0 / settings.n_probes
         inputs = [captured[n] for n in plan.jacobian_hooks]
         jac: dict[str, GramAccumulator] = {}
-        for chunk in _chunks(probes, settings.probe_chunk):
+        for chunk in _chunks(probes, _probe_chunk(settings, z, inputs)):
             for name, g in zip(plan.jacobian_hooks, _probe_grads(z, inputs, chunk)):
                 if g is None:
                     raise RuntimeError(
@@ -241,11 +313,11 @@ def _run_batch_with_jacobians(model, tokens, mask, select, plan: RunConfig, batc
                     )
                 # g: [probes, batch, pos, ...] → the selected datapoints of every probe
                 g = g.flatten(3)
+                select = masks.select(name)
                 g = g.reshape(-1, g.shape[-1]) if select is None else g[:, select].reshape(-1, g.shape[-1])
                 acc = GramAccumulator.from_batch(g, weight=weight)
                 jac[name] = acc if name not in jac else jac[name].add_(acc)
     for name, acc in jac.items():
-        acc.tensors["n"] = torch.tensor(int(mask.sum()), dtype=torch.int64, device=acc.tensors["n"].device)
-        _check_finite(acc, "Jacobian probes", name, batch_index)
+        acc.tensors["n"] = masks.mask(name).sum().to(torch.int64)  # datapoints, not probes × datapoints
+        checks.add(acc, "Jacobian probes", name)
         out[(JACOBIANS, name)] = acc
-    return out

@@ -9,7 +9,7 @@ themselves with ``to_dict()``: that dictionary is the run's identity in a checkp
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Union
@@ -22,10 +22,25 @@ from .hook_names import HookSpec, resolve_hooks
 from .losses import MSE, BehavioralLoss, as_loss
 from .observers import Observer
 from .positions import PositionSpec
+from .readout import LinearReadout, find_readout
 
 OutputSpec = Union[str, Callable[[Tensor], Tensor]]
 DEFAULT_PROBES = 4
 LOGITS = "logits"
+
+
+class ProbeSpace(str, Enum):
+    """Where logit probes are drawn (docs/theory.md §2, ``readout.py``).
+
+    ``AUTO`` resolves, against the model, to ``RESIDUAL`` when the output is the logits, the
+    loss is MSE and the logits are a linear read-out of ``unembed.hook_in``; else ``VOCABULARY``.
+    Both give the same ``E[M]`` (and, in exact mode, the same ``M``); the recorded choice is
+    part of the run identity because the random draws differ.
+    """
+
+    AUTO = "auto"
+    VOCABULARY = "vocabulary"
+    RESIDUAL = "residual"
 
 
 class ProbeKind(str, Enum):
@@ -73,7 +88,9 @@ class JacobianConfig:
         loss: the behavioural loss, ``"mse"`` (paper default), ``"kl"`` or a ``BehavioralLoss``.
         probe: ``"rademacher"`` or ``"gaussian"`` noise.
         seed: probes of batch ``i`` are drawn from a generator seeded by ``(seed, i)``.
-        probe_chunk: probes per vmapped backward pass (memory, not results).
+        probe_chunk: probes per vmapped backward pass (memory, not results); None sizes it
+            from a memory budget (``chunk_budget_bytes``; on CUDA half the free memory).
+        probe_space: ``"auto"``, ``"residual"`` or ``"vocabulary"`` (see ``ProbeSpace``).
         output_transform: with ``output`` a hook, a map applied to its ``[batch, pos, d]``
             activation first (``InteractionBasis.fit_local``); ``output_transform_id`` names
             it in the run identity (a hash of the basis), since a function cannot be compared.
@@ -86,7 +103,9 @@ class JacobianConfig:
     loss: str | BehavioralLoss = field(default_factory=MSE)
     probe: ProbeKind | str = ProbeKind.RADEMACHER
     seed: int = 0
-    probe_chunk: int = 16
+    probe_chunk: int | None = None
+    probe_space: ProbeSpace | str = ProbeSpace.AUTO
+    chunk_budget_bytes: int = 256 * 2**20
     output_transform: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
     output_transform_id: str | None = None
 
@@ -107,7 +126,17 @@ class JacobianConfig:
         except ValueError:
             raise ValueError(f"probe must be one of {[k.value for k in ProbeKind]}, got {self.probe!r}") from None
         put("output_positions", _int_tuple(self.output_positions, "output_positions"))
-        put("probe_chunk", _positive_int(self.probe_chunk, "probe_chunk"))
+        if self.probe_chunk is not None:
+            put("probe_chunk", _positive_int(self.probe_chunk, "probe_chunk"))
+        put("chunk_budget_bytes", _positive_int(self.chunk_budget_bytes, "chunk_budget_bytes"))
+        try:
+            put("probe_space", ProbeSpace(self.probe_space))
+        except ValueError:
+            raise ValueError(f"probe_space must be one of {[k.value for k in ProbeSpace]}, "
+                             f"got {self.probe_space!r}") from None
+        if self.probe_space is ProbeSpace.RESIDUAL and (self.output != LOGITS or self.behavioral_loss.needs_logits):
+            raise ValueError("probe_space='residual' needs output='logits' and loss='mse' (a linear read-out of the "
+                             "unembedding input); use probe_space='auto' to fall back to vocabulary probes")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not (isinstance(self.output, str) or callable(self.output)):
@@ -139,14 +168,15 @@ class JacobianConfig:
                 "output_positions": None if self.output_positions is None
                 else list(self.output_positions),  # type: ignore[arg-type]  # a tuple after __post_init__
                 "loss": self.behavioral_loss.name, "probe": ProbeKind(self.probe).value, "seed": self.seed,
-                "output_transform": self.output_transform_id}
+                "output_transform": self.output_transform_id, "probe_space": ProbeSpace(self.probe_space).value}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JacobianConfig:
         """The recorded form (a callable output comes back as its description string)."""
         return cls(n_probes=data["n_probes"], exact=data["exact"], output=data["output"],
                    output_positions=data["output_positions"], loss=data["loss"], probe=data["probe"],
-                   seed=data["seed"], output_transform_id=data.get("output_transform"))
+                   seed=data["seed"], output_transform_id=data.get("output_transform"),
+                   probe_space=data.get("probe_space", "vocabulary"))
 
 
 def describe_positions(positions: PositionSpec) -> str | list[int]:
@@ -159,6 +189,17 @@ def describe_positions(positions: PositionSpec) -> str | list[int]:
     return [int(positions)] if isinstance(positions, int) else [int(p) for p in positions]
 
 
+def _normalise_positions(positions: Any, hooks: tuple[str, ...]) -> Any:
+    if isinstance(positions, Mapping):
+        stray = [h for h in positions if h not in hooks]
+        if stray:
+            raise ValueError(f"positions names hooks that are not collected: {stray} (hooks: {list(hooks)})")
+        return {h: _normalise_positions(positions[h], hooks) for h in hooks if h in positions}
+    if isinstance(positions, (list, tuple, int)) and not isinstance(positions, bool):
+        return _int_tuple(positions, "positions")
+    return positions
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What one pass over the data accumulates. Build it with ``RunConfig.build(model, ...)``.
@@ -166,7 +207,9 @@ class RunConfig:
     Attributes:
         hooks: hook points with activation Grams ``G`` (names as the user wrote them).
         jacobian_hooks: the subset with Jacobian Grams ``M`` (empty without Jacobians).
-        positions: datapoints per sequence: None (all), ints (``[-1]``) or a boolean mask.
+        positions: datapoints per sequence: None (all), ints (``[-1]``) or a boolean mask; or a
+            dict ``{hook: positions}`` choosing them per hook (hooks not in it: all positions;
+            observers then see every non-padding position) — one pass serves them all.
         batch_size: sequences per batch (token tensors and text datasets are cut to it).
         context: tokens per sequence when text is tokenized (None: the model's n_ctx, ≤ 1024).
         jacobians: ``JacobianConfig`` or None.
@@ -180,6 +223,9 @@ class RunConfig:
     context: int | None = None
     jacobians: JacobianConfig | None = None
     observers: tuple[Observer, ...] = ()
+    # The model's unembedding as a linear read-out when probes are drawn in the residual basis
+    # (derived from the model in build(); the recorded identity is jacobians.probe_space).
+    readout: LinearReadout | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -189,7 +235,7 @@ class RunConfig:
         *,
         jacobians: bool | JacobianConfig = False,
         jacobian_hooks: HookSpec = None,
-        positions: PositionSpec = None,
+        positions: PositionSpec | Mapping[str, PositionSpec] = None,
         batch_size: int = 8,
         context: int | None = None,
         observers: Sequence[Observer] = (),
@@ -215,8 +261,15 @@ class RunConfig:
             n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
             if n_ctx is not None and context > int(n_ctx):
                 raise ValueError(f"context={context} is longer than the model's n_ctx={n_ctx}")
-        if isinstance(positions, (list, tuple, int)) and not isinstance(positions, bool):
-            positions = _int_tuple(positions, "positions")
+        positions = _normalise_positions(positions, names)
+        readout = None
+        if jac is not None and jac.probe_space is not ProbeSpace.VOCABULARY:
+            eligible = jac.output == LOGITS and not jac.behavioral_loss.needs_logits
+            readout = find_readout(model) if eligible else None
+            if readout is None and jac.probe_space is ProbeSpace.RESIDUAL:
+                raise ValueError("probe_space='residual': this model's logits are not a linear read-out of "
+                                 "unembed.hook_in; use probe_space='auto' or 'vocabulary'")
+            jac = replace(jac, probe_space=ProbeSpace.RESIDUAL if readout is not None else ProbeSpace.VOCABULARY)
         resolved = []
         for obs in observers:
             if not isinstance(obs, Observer):
@@ -226,7 +279,17 @@ class RunConfig:
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"each observer kind may be given once, got {kinds}")
         return cls(hooks=names, jacobian_hooks=m_names, positions=positions, batch_size=batch_size,
-                   context=context, jacobians=jac, observers=tuple(resolved))
+                   context=context, jacobians=jac, observers=tuple(resolved), readout=readout)
+
+    def positions_of(self, hook: str) -> PositionSpec:
+        """The position selection of one hook."""
+        if isinstance(self.positions, Mapping):
+            return self.positions.get(hook)
+        return self.positions
+
+    @property
+    def observer_positions(self) -> PositionSpec:
+        return None if isinstance(self.positions, Mapping) else self.positions
 
     def with_(self, **changes: Any) -> RunConfig:
         return replace(self, **changes)
@@ -235,7 +298,8 @@ class RunConfig:
         return {
             "hooks": list(self.hooks),
             "jacobian_hooks": list(self.jacobian_hooks),
-            "positions": describe_positions(self.positions),
+            "positions": ({h: describe_positions(p) for h, p in self.positions.items()}
+                          if isinstance(self.positions, Mapping) else describe_positions(self.positions)),
             "batch_size": self.batch_size,
             "context": self.context,
             "jacobians": None if self.jacobians is None else self.jacobians.to_dict(),

@@ -33,8 +33,13 @@ class TokenBatch:
         return int(self.attention_mask.sum())
 
     def head(self, n_rows: int) -> TokenBatch:
-        mask = None if self.attention_mask is None else self.attention_mask[:n_rows]
-        return TokenBatch(self.tokens[:n_rows], mask)
+        return self.rows(0, n_rows)
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        if start == 0 and stop >= self.tokens.shape[0]:
+            return self
+        mask = None if self.attention_mask is None else self.attention_mask[start:stop]
+        return TokenBatch(self.tokens[start:stop], mask)
 
 
 class EmptyDataError(ValueError):
@@ -89,7 +94,7 @@ def iter_batches(
     batch_size: int = 8,
     context: int | None = None,
 ) -> Iterator[TokenBatch]:
-    """Yield ``TokenBatch``es; tensors and datasets are cut into ``batch_size`` rows."""
+    """Yield ``TokenBatch``es of at most ``batch_size`` rows (tensors, datasets and iterables alike)."""
     if isinstance(data, (str, bytes)):
         raise TypeError("pass token ids or a datasets.Dataset of text, not a bare string")
     if isinstance(data, Tensor):
@@ -113,4 +118,8 @@ def iter_batches(
             yield _as_batch(torch.stack(rows))
         return
     for item in data:
-        yield _as_batch(item)
+        batch = _as_batch(item)
+        # batch_size is honoured for iterables too: an oversized batch is cut (a list holding
+        # one 3830-row tensor would otherwise be one batch, with its temporaries to match).
+        for start in range(0, batch.tokens.shape[0], batch_size):
+            yield batch.rows(start, start + batch_size)
