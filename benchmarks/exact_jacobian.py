@@ -27,7 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt2_shaped import (  # noqa: E402
-    add_common_args, build_model, describe_run, emit_result, finish_args, model_config, random_tokens, resid_pre_hooks,
+    add_common_args,
+    build_model,
+    describe_run,
+    emit_result,
+    finish_args,
+    model_config,
+    random_tokens,
+    resid_pre_hooks,
 )
 
 TARGET = 1 / 30  # new time / today's time
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{projected['vocabulary'] / 60:.1f} min projected")
     print(f"residual basis:           {readout.k} passes × {per_probe['residual'] * 1e3:.1f} ms = "
           f"{projected['residual'] / 60:.2f} min projected")
-    print(f"RATIO new / today = {ratio:.4f} (1/{1 / ratio:.0f}; target ≤ 1/30: {'met' if ratio <= TARGET else 'MISSED'})")
+    verdict = "met" if ratio <= TARGET else "MISSED"
+    print(f"RATIO new / today = {ratio:.4f} (1/{1 / ratio:.0f}; target ≤ 1/30: {verdict})")
     if args.full:
         start = time.perf_counter()
         tld.collect(model, tokens, hooks, jacobians=tld.JacobianConfig(exact=True, output_positions=[-1]),

@@ -218,7 +218,7 @@ class RunConfig:
 
     hooks: tuple[str, ...]
     jacobian_hooks: tuple[str, ...] = ()
-    positions: PositionSpec = None
+    positions: PositionSpec | Mapping[str, PositionSpec] = None
     batch_size: int = 8
     context: int | None = None
     jacobians: JacobianConfig | None = None
