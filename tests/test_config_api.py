@@ -103,7 +103,7 @@ def test_jacobian_config_is_frozen_and_round_trips():
     assert json.loads(json.dumps(d)) == d
     assert JacobianConfig.from_dict(d).to_dict() == d
     assert d == {"exact": False, "n_probes": 3, "output": "logits", "output_positions": [-1], "loss": "kl",
-                 "probe": "gaussian", "seed": 5, "output_transform": None}
+                 "probe": "gaussian", "seed": 5, "output_transform": None, "probe_space": "auto"}
     assert "probe_chunk" not in d  # memory, not results
 
 
@@ -161,7 +161,8 @@ def test_the_readme_simple_call_still_works(tiny, tiny_tokens):
     stats = collect(tiny, tiny_tokens, "blocks.*.hook_resid_pre", jacobians=True, progress=False)
     assert stats.hooks == HOOKS and stats.jacobian_hooks == HOOKS
     assert stats.jacobian_gram(HOOKS[1]).shape == (16, 16)
-    assert stats.run is not None and stats.run.jacobians == JacobianConfig().to_dict()
+    # the defaults, with probe_space="auto" resolved against the model (MSE on logits: residual basis)
+    assert stats.run is not None and stats.run.jacobians == JacobianConfig(probe_space="residual").to_dict()
     assert stats.run.jacobians["n_probes"] == 4
 
 

@@ -21,9 +21,7 @@ import argparse
 import codecs
 import os
 import shlex
-import signal
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -311,25 +309,6 @@ def unknown_hook_message(exc: Exception, model: str | None) -> str:
 
 # --- commands --------------------------------------------------------------------------------
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` for the whole command (collect installs its own while it runs)."""
-    from .collect import Terminated
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def analyze(args: argparse.Namespace) -> int:
     from . import CheckpointMismatchError, EmptyDataError, NonFiniteError, Terminated, UnknownHookError
     from .analysis import AnalysisConfig
@@ -577,14 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .collect import Terminated
+    from .collect import Terminated, sigterm_as_interrupt
 
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help and --version (0), usage mistakes (2, already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return args.func(args)
     except UsageError as exc:
         print(f"error: {paragraph(exc)}", file=sys.stderr)

@@ -91,7 +91,7 @@ def _chain(digest: str, batch: TokenBatch) -> str:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into ``Terminated`` (a KeyboardInterrupt) so it checkpoints like Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -195,7 +195,7 @@ def collect(
                desc="collect", dynamic_ncols=True)
     last_save = time.monotonic()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             for index, batch in enumerate(iter_batches(data, model, config.batch_size, config.context)):
                 if index < skip:  # done before the checkpoint we resumed from: re-read to check the data
                     batch = _trim(batch, max_tokens, replayed_tokens)
