@@ -1,4 +1,5 @@
-"""The three examples in examples/ run as written, on the embedded default model in reduced form.
+"""Every example in examples/ runs as written, in reduced form: three on the embedded default
+model, the mod-add one on the shipped RIB checkpoint (the MiniLM one: tests/test_minilm.py).
 
 Each example runs in its own process, exactly as a user would start it. The three are started
 together (single-threaded each, so they share the cores instead of fighting over them) and
@@ -78,6 +79,7 @@ def runs(tmp_path_factory):
         "swap": Run("swap_residual_to_interaction_basis.py",
                     ["--model", "default", *REDUCED, "--eval-tokens", "512"], work),
         "heads": Run("detect_synchronized_heads.py", ["--model", "gpt2", *REDUCED], work, offline_hub=True),
+        "modadd": Run("modadd_interaction_basis.py", ["--n", "200", "--out", str(work / "modadd.md")], work),
     }
     yield {"work": work, **started}
     for run in started.values():
@@ -162,3 +164,11 @@ def test_detect_synchronized_heads_with_gpt2_offline_fallback(runs):
     assert all(values[i][i] == 0 for i in range(H))
     assert all(values[i][j] == values[j][i] and 0 <= values[i][j] <= 1 for i in range(H) for j in range(H))
     assert re.search(r"^synchronized heads add [\d,]+ free parameter directions", out, flags=re.M)
+
+
+def test_modadd_interaction_basis(runs):
+    runs["modadd"].result()
+    table = (runs["work"] / "modadd.md").read_text()
+    for hook in ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"):
+        assert hook in table, table
+
