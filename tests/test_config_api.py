@@ -80,6 +80,9 @@ def test_kl_with_a_hook_output_is_refused():
     (dict(seed=True), "seed"),
     (dict(output_positions=[]), "output_positions"),
     (dict(output_positions=[0.5]), "output_positions"),
+    (dict(probe_space="logits"), "probe_space"),
+    (dict(chunk_budget_bytes=0), "chunk_budget_bytes"),
+    (dict(output="blocks.0.hook_resid_post", probe_space="residual"), "probe_space='residual' needs"),
 ])
 def test_unknown_names_and_bad_values_are_refused(options, word):
     with pytest.raises(ValueError, match=word):
