@@ -276,8 +276,8 @@ def test_larger_max_tokens_after_whole_batches_continues(tiny, tmp_path):
 
 # -- when checkpoints are written ------------------------------------------------------------------
 
-def test_checkpoint_is_written_by_elapsed_time(tiny, tmp_path):
-    path = tmp_path / "run.safetensors"
+def _checkpoint_exists_after_one_batch(model, path, **options) -> bool:
+    """Run collect on TOKENS; report whether the checkpoint existed when batch 2 was requested."""
     seen: list[bool] = []
 
     def data():
@@ -286,23 +286,21 @@ def test_checkpoint_is_written_by_elapsed_time(tiny, tmp_path):
                 seen.append(path.exists())
             yield batch
 
-    collect(tiny, data(), **BASE, checkpoint=path, checkpoint_every=10**6, checkpoint_seconds=1e-9, progress=False)
-    assert seen == [True], "after one batch and > 1e-9 s a checkpoint must exist"
+    collect(model, data(), **BASE, checkpoint=path, checkpoint_every=10**6, progress=False, **options)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_checkpoint_is_written_by_elapsed_time(tiny, tmp_path):
+    path = tmp_path / "run.safetensors"
+    assert _checkpoint_exists_after_one_batch(tiny, path, checkpoint_seconds=1e-9), \
+        "after one batch and > 1e-9 s a checkpoint must exist"
 
 
 def test_no_checkpoint_before_either_interval(tiny, tmp_path):
     """The control: neither interval has passed after one batch, so no file yet (only at the end)."""
     path = tmp_path / "run.safetensors"
-    seen: list[bool] = []
-
-    def data():
-        for i, batch in enumerate(_batches(TOKENS)):
-            if i == 1:
-                seen.append(path.exists())
-            yield batch
-
-    collect(tiny, data(), **BASE, checkpoint=path, checkpoint_every=10**6, checkpoint_seconds=1e6, progress=False)
-    assert seen == [False]
+    assert not _checkpoint_exists_after_one_batch(tiny, path, checkpoint_seconds=1e6)
     assert path.exists()  # written at the end
 
 
