@@ -1,110 +1,27 @@
 """``collect``: stream data through a model and accumulate float64 statistics.
 
 Memory is O(d²) per hook point: activations are reduced to their batch sums inside the
-hook and never cached. Batches are numbered in data order; with ``torch.distributed``
-initialised, rank ``r`` of ``w`` takes batches ``i ≡ r (mod w)`` and the sums are
-all-reduced at the end, so any number of processes gives what one process gives.
-
-A checkpoint records the run's identity (model, tokenizer, ``RunConfig``) and a chained
-SHA-256 of the token ids of every batch consumed; resuming re-reads the skipped batches and
-refuses, naming the field, if anything differs.
+hook and never cached. The pass itself is a ``RunConfig``; batching, checkpoints, resume and
+``torch.distributed`` belong to the shared driver (``stream.py``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from .accumulators import AdditiveAccumulator
-from .batch_pass import NonFiniteError, run_batch
-from .checkpoint import CheckpointMismatchError, check_resumable
+from .batch_pass import NonFiniteError
+from .checkpoint import CheckpointMismatchError
 from .config import JacobianConfig, PositionSpec, RunConfig
-from .data import EmptyDataError, TokenBatch, iter_batches
-from .generations import HookedModel, describe_model
-from .hook_names import HookSpec, enable_gated_hooks
+from .data import EmptyDataError
+from .generations import HookedModel
+from .hook_names import HookSpec
 from .observers import Observer
-from .stats import Progress, RunRecord, Stats
+from .stats import Stats
+from .stream import Terminated, run_record, sigterm_as_interrupt, stream
 
-__all__ = ["collect", "NonFiniteError", "EmptyDataError", "CheckpointMismatchError", "Terminated"]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived during ``collect``; like Ctrl-C, the checkpoint was written first."""
-
-
-def _dist_rank_world(distributed: bool | None) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    active = dist.is_available() and dist.is_initialized()
-    if distributed is None:
-        distributed = active
-    if not distributed:
-        return 0, 1
-    if not active:
-        raise RuntimeError("distributed=True but torch.distributed is not initialised (launch with torchrun "
-                           "and call torch.distributed.init_process_group first)")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
-    path = Path(path)
-    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-def _package_version() -> str:
-    try:
-        return version("tl_degeneracy")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def describe_tokenizer(model: HookedModel) -> str | None:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return None
-    return f"{getattr(tok, 'name_or_path', '') or type(tok).__name__} (vocab {len(tok)})"
-
-
-def run_record(model: HookedModel, config: RunConfig) -> RunRecord:
-    return RunRecord(model=describe_model(model), config=config.to_dict(), tokenizer=describe_tokenizer(model),
-                     package_version=_package_version())
-
-
-def _chain(digest: str, batch: TokenBatch) -> str:
-    """The running data hash after one more batch (token ids and padding mask)."""
-    h = hashlib.sha256(digest.encode())
-    h.update(str(tuple(batch.tokens.shape)).encode())
-    h.update(batch.tokens.to(torch.int64).cpu().contiguous().numpy().tobytes())
-    if batch.attention_mask is not None:
-        h.update(batch.attention_mask.to(torch.uint8).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into ``Terminated`` (a KeyboardInterrupt) so it checkpoints like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+__all__ = ["collect", "NonFiniteError", "EmptyDataError", "CheckpointMismatchError", "Terminated",
+           "run_record", "sigterm_as_interrupt"]
 
 
 def collect(
@@ -161,102 +78,6 @@ def collect(
             (None, False, None, (), None, 8, None):
         raise TypeError("pass either config= or the options that build it (hooks, jacobians, observers, "
                         "positions, batch_size, context), not both")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
-    if checkpoint_every < 1 or not checkpoint_seconds > 0:
-        raise ValueError("checkpoint_every must be >= 1 and checkpoint_seconds > 0")
-    record = run_record(model, config)
-    rank, world = _dist_rank_world(distributed)
-    ckpt_path = None if checkpoint is None else _rank_path(checkpoint, rank, world)
-
-    stats = Stats(run=record, progress=Progress())
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        stats = Stats.load(ckpt_path, device="cpu")
-        if stats.run is None or stats.progress is None:
-            raise CheckpointMismatchError(f"cannot resume from {ckpt_path}: it holds no run record or progress")
-        check_resumable(stats.run.identity(), record.identity(), ckpt_path)
-    assert stats.progress is not None
-    resumed_from = stats.progress
-    skip = resumed_from.batches_seen
-    # Counted over every rank's batches, so identical on all ranks (max_tokens stays global).
-    tokens_seen = resumed_from.tokens_seen
-    next_batch = skip
-    digest, replayed_tokens = "", 0
-    replayed = skip == 0  # until the skipped batches are re-read and checked, the checkpoint on disk stays
-
-    def save_checkpoint() -> None:
-        if ckpt_path is not None and replayed:
-            stats.progress = Progress(next_batch, tokens_seen, digest, world)
-            stats.save(ckpt_path)
-
-    observer_hooks = [h for obs in config.observers for h in obs.hooks()]
-    undo = enable_gated_hooks(model, [*config.hooks, *observer_hooks])
-    bar = tqdm(total=max_tokens, initial=tokens_seen, unit="tok", unit_scale=True, disable=not progress,
-               desc="collect", dynamic_ncols=True)
-    last_save = time.monotonic()
-    try:
-        with sigterm_as_interrupt():
-            for index, batch in enumerate(iter_batches(data, model, config.batch_size, config.context)):
-                if index < skip:  # done before the checkpoint we resumed from: re-read to check the data
-                    batch = _trim(batch, max_tokens, replayed_tokens)
-                    digest = _chain(digest, batch)
-                    replayed_tokens += batch.n_tokens
-                    if index == skip - 1:
-                        if digest != resumed_from.data_sha256 or replayed_tokens != tokens_seen:
-                            raise CheckpointMismatchError(
-                                f"cannot resume from {ckpt_path}: the first {skip} batches of this data differ from "
-                                "the ones the checkpoint was made from (data, tokenization, context, batching or "
-                                "max_tokens changed). Resuming would mix two data streams; delete the checkpoint "
-                                "to start afresh.")
-                        replayed = True
-                    continue
-                if max_tokens is not None and tokens_seen >= max_tokens:
-                    break
-                batch = _trim(batch, max_tokens, tokens_seen)
-                if index % world == rank:
-                    _add(stats, run_batch(model, batch, config, index))
-                    stats.n_tokens += batch.n_tokens
-                    stats.n_batches += 1
-                digest = _chain(digest, batch)
-                tokens_seen += batch.n_tokens
-                next_batch = index + 1
-                bar.update(batch.n_tokens)
-                if next_batch % checkpoint_every == 0 or time.monotonic() - last_save >= checkpoint_seconds:
-                    save_checkpoint()
-                    last_save = time.monotonic()
-    except KeyboardInterrupt:
-        save_checkpoint()  # only whole batches are ever added: a clean resume point
-        raise
-    finally:
-        bar.close()
-        for fn in undo:
-            fn()
-    if not replayed:  # the data ended before the batches the checkpoint had consumed
-        raise CheckpointMismatchError(f"cannot resume from {ckpt_path}: it has consumed {skip} batches, but this "
-                                      "data has fewer. Resuming would mix two data streams; delete the checkpoint "
-                                      "to start afresh.")
-    if next_batch == 0:
-        raise EmptyDataError("the data yielded no batches; nothing was accumulated")
-    if not stats.accumulators:
-        raise EmptyDataError(f"rank {rank} of {world} received no batch; use fewer processes or more data")
-    save_checkpoint()  # before any all-reduce: per-rank files must hold per-rank sums
-    stats.progress = Progress(next_batch, tokens_seen, digest, world)
-    if world > 1:
-        stats.all_reduce()
-    return stats
-
-
-def _trim(batch: TokenBatch, max_tokens: int | None, tokens_seen: int) -> TokenBatch:
-    """The rows of ``batch`` needed to reach ``max_tokens``."""
-    if max_tokens is None:
-        return batch
-    rows = -(-(max_tokens - tokens_seen) // batch.tokens.shape[1])  # ceil
-    return batch.head(rows)
-
-
-def _add(stats: Stats, contributions: dict[tuple[str, str], AdditiveAccumulator]) -> None:
-    for key, acc in contributions.items():
-        if key in stats.accumulators:
-            stats.accumulators[key].add_(acc)
-        else:
-            stats.accumulators[key] = acc
+    return stream(model, data, config, max_tokens=max_tokens, checkpoint=checkpoint, resume=resume,
+                  checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, progress=progress,
+                  distributed=distributed, desc="collect")

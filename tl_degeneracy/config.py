@@ -294,6 +294,15 @@ class RunConfig:
     def with_(self, **changes: Any) -> RunConfig:
         return replace(self, **changes)
 
+    # -- the stream plan (``stream.StreamPlan``) ---------------------------------------------------
+    def gated_hooks(self) -> list[str]:
+        return [*self.hooks, *(h for obs in self.observers for h in obs.hooks())]
+
+    def run_batch(self, model: HookedModel, batch: Any, batch_index: int) -> dict:
+        from .batch_pass import run_batch  # batch_pass imports this module
+
+        return run_batch(model, batch, self, batch_index)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "hooks": list(self.hooks),
