@@ -222,6 +222,8 @@ class Stats:
         tensors: dict[str, Tensor] = {}
         kinds: dict[str, str] = {}
         for (group, name), acc in self.accumulators.items():
+            if "/" in group:  # the key is split at its first "/" on load
+                raise ValueError(f"an accumulator group name cannot contain '/': {group!r}")
             kinds[f"{group}/{name}"] = acc.kind
             for field_name, tensor in acc.state_dict().items():
                 tensors[f"{group}/{name}/{field_name}"] = tensor

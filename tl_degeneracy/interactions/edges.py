@@ -1,0 +1,323 @@
+"""The interaction graph's edges, streamed over data (docs/theory.md §8).
+
+Between consecutive nodes ``l → l+1`` (hook points with bases ``C_l``, ``C_{l+1}``), for input
+direction ``j`` and output direction ``i``:
+
+    E_ij = 1/n Σ_x Σ_t ( Σ_t' ∂f̂^{l+1}_i(x,t)/∂f̂^l_j(x,t') · f̂^l_j(x,t') )²
+
+``n`` counts the output node's datapoints; attention moves information across positions, so the
+attribution sums over input positions ``t'`` inside the square. Every term is one vector-Jacobian
+product: the cotangent ``C_{l+1}[i]`` at output position ``t`` (``f̂ = C (f − μ)`` is linear),
+pulled back to ``f^l`` and carried into ``f̂^l`` by ``C_l⁺`` (``f^l = C_l⁺ f̂^l + μ`` on the span).
+
+- **exact**: one cotangent per (output position, output direction), batched over the sequences.
+- **probes**: one cotangent per (probe, output direction) with Rademacher signs ``r_t`` over the
+  output positions; ``E[(Σ_t r_t a_t)²] = Σ_t a_t²`` because ``E[r_t r_s] = δ_ts``, so the
+  estimate is unbiased and costs ``k_out × n_probes`` passes instead of ``k_out × positions``.
+
+Cotangents are chunked through one vmapped backward pass each (``is_grads_batched``), and autograd
+only visits the graph between the two nodes (it prunes what does not lead to ``f^l``); the forward
+stops once the last node has fired. Nodes should be cuts of the network (the residual stream):
+then ``∂f^{l+1}/∂f^l`` is the whole dependence, not one path of several.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..accumulators import AdditiveAccumulator
+from ..batch_pass import _forward_until_hooks_fired, _ParamsRequireGrad, _probe_grads, _to_device
+from ..config import _positive_int, describe_positions
+from ..data import TokenBatch
+from ..generations import HookedModel
+from ..hook_names import HookSpec, residual_hooks, resolve_hooks
+from ..interaction_basis import InteractionBasis, LayerBasis
+from ..positions import PositionSpec, position_mask
+from ..probes import batch_generator
+from ..stats import Stats
+from ..stream import stream
+from .graph import InteractionGraph
+
+EDGES = "edges"
+DEFAULT_CHUNK_BUDGET = 256 * 2**20
+
+
+class EdgeAccumulator(AdditiveAccumulator):
+    """``Σ_x Σ_t a²`` as ``E`` ``[k_out, k_in]`` (float64) and the output datapoint count ``n``."""
+
+    fields = ("E", "n")
+    kind = "edges"
+
+    @property
+    def edges(self) -> Float[Tensor, "k_out k_in"]:
+        return self.tensors["E"] / self.tensors["n"].clamp(min=1)
+
+
+def pair_name(source: str, target: str) -> str:
+    return f"{source}->{target}"
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """One edge pass: nodes (forward order), the bases edges are taken in, and how.
+
+    ``bases`` maps a basis name ("interaction", "pca", "standard", ...) to one ``LayerBasis`` per
+    node. ``positions``: the datapoints of each *output* node (one spec, or ``{hook: spec}``);
+    inputs always sum over every (unpadded) position. ``to_dict()`` is the run identity:
+    resuming with other bases (by fingerprint) or options is refused.
+    """
+
+    nodes: tuple[str, ...]
+    bases: tuple[tuple[str, tuple[LayerBasis, ...]], ...]
+    exact: bool = False
+    n_probes: int = 4
+    seed: int = 0
+    positions: Any = None
+    batch_size: int = 8
+    context: int | None = None
+    chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET
+
+    @classmethod
+    def build(cls, model: HookedModel, bases: Mapping[str, InteractionBasis | Sequence[LayerBasis]],
+              nodes: HookSpec = None, *, exact: bool = False, n_probes: int | None = None, seed: int = 0,
+              positions: PositionSpec | Mapping[str, PositionSpec] = None, batch_size: int = 8,
+              context: int | None = None, chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET) -> EdgeConfig:
+        names = residual_hooks(model) if nodes is None else resolve_hooks(model, nodes)
+        if len(names) < 2:
+            raise ValueError(f"an interaction graph needs at least two nodes, got {names}; pass nodes= in forward "
+                             "order, e.g. tl_degeneracy.residual_hooks(model)")
+        if not bases:
+            raise ValueError("pass at least one basis, e.g. {'interaction': InteractionBasis.fit(stats)}")
+        per_basis = []
+        for name, basis in bases.items():
+            if isinstance(basis, InteractionBasis):
+                missing = [h for h in names if h not in basis.layers]
+                if missing:
+                    raise ValueError(f"basis {name!r} has no layer at {missing}; fit it at every node "
+                                     f"(InteractionBasis.fit(stats, hooks={names}))")
+                layers = tuple(basis[h] for h in names)
+            else:
+                layers = tuple(basis)
+                if [l.hook for l in layers] != names:
+                    raise ValueError(f"basis {name!r} covers {[l.hook for l in layers]}, the nodes are {names}")
+            if not isinstance(name, str) or not name or any(c in name for c in "/:"):
+                raise ValueError(f"basis names must be non-empty strings without '/' or ':', got {name!r}")
+            per_basis.append((name, layers))
+        if exact and n_probes is not None:
+            raise ValueError("exact=True takes no n_probes: exact mode loops over every output position")
+        probes = 4 if n_probes is None else _positive_int(n_probes, "n_probes", "Use exact=True for exact edges.")
+        _positive_int(batch_size, "batch_size")
+        if context is not None:
+            _positive_int(context, "context")
+        _positive_int(chunk_budget_bytes, "chunk_budget_bytes")
+        if isinstance(positions, Mapping):
+            unknown = [h for h in positions if h not in names]
+            if unknown:
+                raise ValueError(f"positions name hooks {unknown} that are not nodes {names}")
+        return cls(tuple(names), tuple(per_basis), bool(exact), probes, int(seed), positions, batch_size, context,
+                   chunk_budget_bytes)
+
+    def positions_of(self, hook: str) -> PositionSpec:
+        if isinstance(self.positions, Mapping):
+            return self.positions.get(hook)
+        return self.positions
+
+    @property
+    def basis_names(self) -> list[str]:
+        return [name for name, _ in self.bases]
+
+    def to_dict(self) -> dict[str, Any]:
+        positions = ({h: describe_positions(p) for h, p in self.positions.items()}
+                     if isinstance(self.positions, Mapping) else describe_positions(self.positions))
+        return {
+            "pass": "interaction_edges", "nodes": list(self.nodes),
+            "bases": {name: {l.hook: {"fingerprint": l.fingerprint(), "k": l.k, "scaling": l.scaling}
+                             for l in layers} for name, layers in self.bases},
+            "mode": "exact" if self.exact else "probes", "n_probes": None if self.exact else self.n_probes,
+            "probe": None if self.exact else "rademacher over output positions",
+            "seed": self.seed, "positions": positions, "batch_size": self.batch_size, "context": self.context,
+        }
+
+    # -- the stream plan -----------------------------------------------------------------------------
+    def gated_hooks(self) -> list[str]:
+        return list(self.nodes)
+
+    def run_batch(self, model: HookedModel, batch: TokenBatch,
+                  batch_index: int) -> dict[tuple[str, str], AdditiveAccumulator]:
+        return edge_batch(model, batch, self, batch_index)
+
+
+def _chunk_size(config: EdgeConfig, f_in: Tensor, k_in: int) -> int:
+    """Cotangents per vmapped backward pass, from the memory budget (1 to 256)."""
+    B, T = f_in.shape[:2]
+    per = B * T * (f_in.shape[-1] * f_in.element_size() * 2 + k_in * 8 * 2)  # grads (+ graph temps), float64 terms
+    budget = config.chunk_budget_bytes
+    if f_in.device.type == "cuda":
+        budget = max(budget, torch.cuda.mem_get_info(f_in.device)[0] // 4)
+    return int(max(1, min(256, budget // max(per, 1))))
+
+
+def _pair_contribution(f_out: Tensor, f_in: Tensor, out_layer: LayerBasis, in_layer: LayerBasis,
+                       out_mask: Tensor, in_mask: Tensor, config: EdgeConfig, batch_index: int,
+                       pair_index: int) -> EdgeAccumulator:
+    """``Σ_x Σ_t a²`` for one layer pair in one basis, from the live graph between ``f_in`` and ``f_out``."""
+    f64 = torch.float64
+    C_out = out_layer.C.to(device=f_out.device, dtype=f_out.dtype)  # cotangent rows, in the model's dtype
+    C_in_pinv = in_layer.C_pinv.to(device=f_in.device, dtype=f64)
+    f_hat_in = in_layer.transform(f_in.detach().to(f64)) * in_mask.to(f64)[..., None]  # padding attributes nothing
+    k_out, k_in = C_out.shape[0], C_in_pinv.shape[1]
+    B, T = out_mask.shape
+    E = torch.zeros(k_out, k_in, dtype=f64, device=f_in.device)
+    # Every cotangent is (what varies along the output positions) ⊗ (an output direction C_out[i]).
+    if config.exact:
+        positions = torch.nonzero(out_mask.any(0)).flatten().tolist()
+        items = [(t, i) for t in positions for i in range(k_out)]
+        weight = 1.0
+    else:
+        gen = batch_generator(config.seed * 7919 + pair_index, batch_index, f_out.device)
+        signs = torch.randint(0, 2, (config.n_probes, B, T), generator=gen, device=f_out.device,
+                              dtype=f_out.dtype).mul_(2).sub_(1) * out_mask.to(f_out.dtype)
+        items = [(p, i) for p in range(config.n_probes) for i in range(k_out)]
+        weight = 1.0 / config.n_probes
+    size = _chunk_size(config, f_in, k_in)
+    out_mask64 = out_mask.to(f64)
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        rows = torch.tensor([i for _, i in chunk], device=f_out.device)
+        if config.exact:
+            pos = torch.tensor([t for t, _ in chunk], device=f_out.device)
+            along = torch.zeros(len(chunk), B, T, dtype=f_out.dtype, device=f_out.device)
+            along[torch.arange(len(chunk)), :, pos] = 1.0
+            row_weight = out_mask64[:, pos].T  # [c, B]: padded output positions count for nothing
+        else:
+            along = signs[torch.tensor([p for p, _ in chunk], device=f_out.device)]
+            row_weight = None
+        cotangents = along[..., None] * C_out[rows][:, None, None, :]  # [c, B, T, d_out]
+        (grads,) = _probe_grads(f_out, [f_in], list(cotangents))
+        if grads is None:
+            raise RuntimeError(f"node {out_layer.hook!r} does not depend on {in_layer.hook!r}: order the nodes "
+                               "forward, each after the one before")
+        # ∂f̂_out_i/∂f̂_in_j(t') · f̂_in_j(t'), summed over the input positions t'
+        a = torch.einsum("cbtd,dk,btk->cbk", grads.to(f64), C_in_pinv, f_hat_in)
+        sq = a.square()
+        contrib = sq.sum(1) if row_weight is None else torch.einsum("cbk,cb->ck", sq, row_weight)
+        E.index_add_(0, rows, contrib * weight)
+    return EdgeAccumulator({"E": E, "n": out_mask.sum().to(torch.int64).reshape(())})
+
+
+def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
+               batch_index: int) -> dict[tuple[str, str], AdditiveAccumulator]:
+    """One batch's contribution to every edge matrix of every basis."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    tokens = _to_device(batch.tokens, device)
+    kwargs: dict[str, Any] = {}
+    attention_mask = None
+    if batch.attention_mask is not None:
+        attention_mask = batch.attention_mask.to(device)
+        kwargs["attention_mask"] = attention_mask
+    B, T = tokens.shape
+    captured: dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            captured[name] = act
+            return act  # the same tensor flows on, so gradients reach it (see batch_pass)
+
+        return hook
+
+    out: dict[tuple[str, str], AdditiveAccumulator] = {}
+    with torch.enable_grad(), _ParamsRequireGrad(model):
+        _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in config.nodes], stop_early=True)
+        masks = {h: position_mask(config.positions_of(h), B, T, attention_mask, device=device) for h in config.nodes}
+        in_mask = position_mask(None, B, T, attention_mask, device=device)
+        for l, (source, target) in enumerate(zip(config.nodes[:-1], config.nodes[1:])):
+            f_in, f_out = captured[source], captured[target]
+            if f_in.ndim != 3 or f_out.ndim != 3:
+                raise ValueError(f"edge nodes must be [batch, pos, d] activations; {source!r} or {target!r} is not "
+                                 "(use residual-stream or MLP hook points)")
+            for name, layers in config.bases:
+                if layers[l].d != f_in.shape[-1] or layers[l + 1].d != f_out.shape[-1]:
+                    raise ValueError(f"basis {name!r} at {source!r}/{target!r} has d={layers[l].d}/{layers[l + 1].d}, "
+                                     f"the activations {f_in.shape[-1]}/{f_out.shape[-1]}: fitted on another model?")
+                acc = _pair_contribution(f_out, f_in, layers[l + 1], layers[l], masks[target], in_mask, config,
+                                         batch_index, l)
+                if not bool(torch.isfinite(acc.tensors["E"]).all()):
+                    from ..batch_pass import NonFiniteError
+
+                    raise NonFiniteError(f"non-finite edges in batch {batch_index} between {source!r} and "
+                                         f"{target!r} ({name} basis): the model produced inf/NaN activations")
+                out[(f"{EDGES}:{name}", pair_name(source, target))] = acc
+    return out
+
+
+def graphs_from_stats(stats: Stats, config: EdgeConfig) -> dict[str, InteractionGraph]:
+    """The per-basis ``InteractionGraph`` of a finished (or checkpointed) edge pass."""
+    graphs = {}
+    for name, layers in config.bases:
+        accs = [stats.accumulators[(f"{EDGES}:{name}", pair_name(a, b))]
+                for a, b in zip(config.nodes[:-1], config.nodes[1:])]
+        graphs[name] = InteractionGraph(
+            basis=name, nodes=list(config.nodes), edges=[acc.edges for acc in accs],  # type: ignore[attr-defined]
+            n_datapoints=[int(acc.tensors["n"]) for acc in accs],
+            meta={"run": stats.run.to_dict() if stats.run else None, "n_tokens": stats.n_tokens,
+                  "scalings": [l.scaling for l in layers]})
+    return graphs
+
+
+def collect_edges(
+    model: HookedModel,
+    data: Any,
+    bases: Mapping[str, InteractionBasis | Sequence[LayerBasis]],
+    nodes: HookSpec = None,
+    *,
+    exact: bool = False,
+    n_probes: int | None = None,
+    seed: int = 0,
+    positions: PositionSpec | Mapping[str, PositionSpec] = None,
+    batch_size: int = 8,
+    context: int | None = None,
+    config: EdgeConfig | None = None,
+    max_tokens: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 50,
+    checkpoint_seconds: float = 300.0,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> dict[str, InteractionGraph]:
+    """Stream ``data`` and return the interaction graph in every basis of ``bases``.
+
+    ``bases``: e.g. ``{"interaction": ib, "pca": pca, "standard": standard}`` (``node_bases``
+    fits all three from one ``Stats``). ``nodes``: hook points in forward order (default the
+    residual stream, ``residual_hooks(model)``). ``exact=True`` loops over output positions;
+    otherwise ``n_probes`` (default 4) Rademacher probes over positions give an unbiased
+    estimate. Checkpointing, resume and ``torch.distributed`` behave as in ``collect``.
+    """
+    if config is None:
+        config = EdgeConfig.build(model, bases, nodes, exact=exact, n_probes=n_probes, seed=seed,
+                                  positions=positions, batch_size=batch_size, context=context)
+    stats = stream(model, data, config, max_tokens=max_tokens, checkpoint=checkpoint, resume=resume,
+                   checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, progress=progress,
+                   distributed=distributed, desc="edges")
+    return graphs_from_stats(stats, config)
+
+
+def node_bases(stats: Stats, nodes: Sequence[str], rtol: float | None = None,
+               kinds: Sequence[str] = ("interaction", "pca", "standard")) -> dict[str, InteractionBasis]:
+    """The bases edges are compared in, fitted at ``nodes`` from one ``Stats``: the interaction
+    basis (needs ``M``), PCA of the activations, and the model's own coordinates (centred)."""
+    from ..linalg import DEFAULT_RTOL
+
+    scaling = {"interaction": "lib", "pca": "pca", "standard": "identity"}
+    unknown = [k for k in kinds if k not in scaling]
+    if unknown:
+        raise ValueError(f"unknown basis kinds {unknown}; choose from {list(scaling)}")
+    return {k: InteractionBasis.fit(stats, hooks=list(nodes), rtol=DEFAULT_RTOL if rtol is None else rtol,
+                                    scaling=scaling[k])  # type: ignore[arg-type]
+            for k in kinds}
