@@ -216,3 +216,34 @@ def test_float32_model_gives_float64_edges_close_to_float64_model(tiny_tokens):
     E32 = collect_edges(m32, tiny_tokens[:4], bases, nodes, exact=True, progress=False)["interaction"].edges[0]
     assert E32.dtype == torch.float64
     torch.testing.assert_close(E32, E64, rtol=1e-3, atol=1e-5 * float(E64.max()))
+
+
+def test_ablation_curves_end_points_and_a_manual_reference(tiny, tiny_tokens, tiny_bases):
+    from tl_degeneracy.interactions import ablation_curves
+
+    hook = "blocks.1.hook_resid_pre"
+    bases = {name: tiny_bases[name] for name in ("interaction", "pca", "standard")}
+    curves = ablation_curves(tiny, tiny_tokens[:6], bases, [hook], batch_size=4, progress=False)
+    by_name = {c.basis: c for c in curves}
+    assert set(by_name) == {"interaction", "pca", "standard", "random"}
+    at_zero = {name: c.behavioral_loss[0] for name, c in by_name.items()}
+    assert all(c.k[0] == 0 for c in curves)
+    for value in at_zero.values():  # k = 0 replaces the node by its mean, whatever the basis
+        assert value == pytest.approx(at_zero["standard"], rel=1e-9)
+    assert at_zero["standard"] > 0
+    std = by_name["standard"]
+    assert std.k[-1] == 16 and std.behavioral_loss[-1] < 1e-20 and abs(std.ce_increase[-1]) < 1e-12
+    # one point by hand: keep PCA's top 4 directions, mean-ablate the rest
+    layer = bases["pca"][hook]
+    P = layer.C_pinv[:, :4] @ layer.C[:4]
+
+    def project(act, hook):
+        return layer.mean + (act - layer.mean) @ P.T
+
+    tokens = tiny_tokens[:6]
+    with torch.no_grad():
+        z_star = tiny(tokens)
+        z = tiny.run_with_hooks(tokens, fwd_hooks=[(hook, project)])
+    expected = float((z - z_star).square().sum() / tokens.numel())
+    i = by_name["pca"].k.index(4)
+    assert by_name["pca"].behavioral_loss[i] == pytest.approx(expected, rel=1e-9)

@@ -7,3 +7,6 @@ from .edges import EdgeAccumulator, EdgeConfig, collect_edges, graphs_from_stats
 from .graph import InteractionGraph
 
 __all__ = ["EdgeAccumulator", "EdgeConfig", "collect_edges", "graphs_from_stats", "node_bases", "InteractionGraph"]
+from .ablation import AblationCurve, ablation_curves, random_basis  # noqa: E402
+
+__all__ += ["AblationCurve", "ablation_curves", "random_basis"]

@@ -1,0 +1,141 @@
+"""Ablation curves: how much of a node's computation do its top-k directions carry, per basis?
+
+At one node, splice a basis in without its error term (``f ↦ μ + C⁺ f̂``), keep the first ``k``
+coordinates of ``f̂`` (the basis's own order: the interaction basis by ``Λ``, PCA by variance, the
+model's coordinates by variance, a random basis of the PCA span in random order as a floor) and
+set the rest to their mean, which is 0 because ``f̂ = C (f − μ)`` is centred. Measured on
+held-out tokens: the behavioural loss ``1/n Σ_{x,t} ||z − z*||²`` (MSE on logits, summed over the
+vocabulary, the units of ``M`` and of the edges) and the increase in next-token cross-entropy.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..generations import HookedModel
+from ..interaction_basis import InteractionBasis, LayerBasis
+from ..splice import splice
+
+
+@dataclass
+class AblationCurve:
+    """One node, one basis: the loss when only the top ``k[i]`` directions are kept."""
+
+    hook: str
+    basis: str
+    k: list[int]
+    behavioral_loss: list[float]
+    ce_increase: list[float]
+    n_directions: int  # directions the basis has at this node
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hook": self.hook, "basis": self.basis, "k": self.k, "behavioral_loss": self.behavioral_loss,
+                "ce_increase": self.ce_increase, "n_directions": self.n_directions, **self.meta}
+
+
+def by_variance(layer: LayerBasis) -> LayerBasis:
+    """The model's own coordinates (``scaling="identity"``), ordered by their variance."""
+    order = torch.argsort(layer.eigenvalues, descending=True)  # identity bases hold G's diagonal here
+    eye = torch.eye(layer.d, dtype=torch.float64)[order]
+    return replace(layer, C=eye, C_pinv=eye.T.clone(), eigenvalues=layer.eigenvalues[order])
+
+
+def random_basis(layer: LayerBasis, seed: int = 0) -> LayerBasis:
+    """An orthonormal basis of the same span as ``layer`` (PCA's: the activations' span), in random order."""
+    gen = torch.Generator().manual_seed(seed)
+    span = torch.linalg.qr(layer.C_pinv.to(torch.float64))[0]  # [d, k], orthonormal columns
+    rotation = torch.linalg.qr(torch.randn(layer.k, layer.k, generator=gen, dtype=torch.float64))[0]
+    Q = span @ rotation
+    return replace(layer, C=Q.T.contiguous(), C_pinv=Q, eigenvalues=torch.zeros(layer.k, dtype=torch.float64),
+                   scaling="random")
+
+
+def default_grid(d: int) -> list[int]:
+    """0, 1, 2, 4, ... and ``d``: the ks an ablation curve is measured at."""
+    ks, k = [0], 1
+    while k < d:
+        ks.append(k)
+        k *= 2
+    return ks + [d]
+
+
+def _logits_and_ce(model: HookedModel, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    logits = model(tokens).to(torch.float64)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    ce = -logp.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)
+    return logits, ce
+
+
+@torch.no_grad()
+def ablation_curves(
+    model: HookedModel,
+    tokens: Int[Tensor, "n_seq pos"],
+    bases: Mapping[str, InteractionBasis],
+    hooks: Sequence[str] | None = None,
+    *,
+    ks: Iterable[int] | None = None,
+    batch_size: int = 8,
+    random_floor: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[AblationCurve]:
+    """Ablation curves at every hook of ``hooks`` (default: every hook of the first basis), per basis.
+
+    ``bases``: e.g. ``{"interaction": ib, "pca": pca, "standard": standard}``; a ``"standard"``
+    basis (``scaling="identity"``) is ordered by variance. With ``random_floor``, a random basis of
+    the PCA span (or the first basis's, without PCA) is added as ``"random"``.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"ablation needs held-out token ids [n_seq, pos ≥ 2], got shape {tuple(tokens.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if not bases:
+        raise ValueError("pass at least one basis")
+    first = next(iter(bases.values()))
+    hooks = list(hooks) if hooks is not None else first.hooks
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [tokens[i:i + batch_size].to(device) for i in range(0, tokens.shape[0], batch_size)]
+    clean = [_logits_and_ce(model, b) for b in batches]
+    n_points = sum(b.numel() for b in batches)
+    base_ce = float(sum(ce.sum() for _, ce in clean)) / sum(ce.numel() for _, ce in clean)
+
+    jobs: list[tuple[str, str, LayerBasis]] = []
+    for hook in hooks:
+        for name, basis in bases.items():
+            layer = basis[hook]
+            jobs.append((hook, name, by_variance(layer) if layer.scaling == "identity" else layer))
+        if random_floor:
+            span = bases["pca"][hook] if "pca" in bases else first[hook]
+            jobs.append((hook, "random", random_basis(span, seed)))
+    curves = []
+    bar = tqdm(jobs, desc="ablation", disable=not progress, dynamic_ncols=True)
+    for hook, name, layer in bar:
+        keep = torch.ones(layer.k, dtype=torch.bool, device=device)
+
+        def keep_top(f_hat: Tensor, hook: Any) -> Tensor:
+            return f_hat * keep.to(f_hat.dtype)  # the mean of every f̂ coordinate is 0
+
+        grid = sorted({min(k, layer.k) for k in (ks if ks is not None else default_grid(layer.k))})
+        losses, ce_up = [], []
+        with splice(model, layer, error_term=False):
+            for k in grid:
+                keep[:] = False
+                keep[:k] = True
+                mse = ce_sum = ce_n = 0.0
+                for b, (z_star, _) in zip(batches, clean):
+                    with model.hooks(fwd_hooks=[(f"{hook}.hook_ib", keep_top)]):
+                        z, ce = _logits_and_ce(model, b)
+                    mse += float((z - z_star).square().sum())
+                    ce_sum, ce_n = ce_sum + float(ce.sum()), ce_n + ce.numel()
+                losses.append(mse / n_points)
+                ce_up.append(ce_sum / ce_n - base_ce)
+        curves.append(AblationCurve(hook, name, grid, losses, ce_up, layer.k,
+                                    {"n_tokens": n_points, "clean_ce": base_ce}))
+    return curves
