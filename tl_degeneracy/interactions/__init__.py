@@ -1,12 +1,40 @@
 """The interaction graph: edges between consecutive nodes' directions, their sparsity and modules.
 
-``collect_edges`` streams the edges (docs/theory.md §8) in several bases at once;
-``InteractionGraph`` holds them.
+- ``collect_edges`` streams the edges ``E_ij`` (docs/theory.md §8) in several bases at once
+  (``node_bases``: interaction basis, PCA, the model's coordinates); ``InteractionGraph`` holds them.
+- ``sparsity_table``: fractions of edges carrying 50/90/99% of ``ΣE``, Gini, Lorenz curves.
+- ``find_modules`` / ``module_sweep``: the paper's cut-cost modules (§5.2.3, eq. 35).
+- ``ablation_curves``: keep the top-k directions of a node, per basis, and measure the loss.
+- ``run.interactions_analysis``: all of it for an analysis folder (``tl-degeneracy interactions``).
+Plots live in ``interactions.plots`` (matplotlib, the ``report`` extra; not imported here).
 """
+from .ablation import AblationCurve, ablation_curves, random_basis
 from .edges import EdgeAccumulator, EdgeConfig, collect_edges, graphs_from_stats, node_bases
 from .graph import InteractionGraph
+from .modules import (
+    DEFAULT_BALANCE,
+    DEFAULT_EPS_RTOL,
+    Bisection,
+    CutEdge,
+    CutScale,
+    ModuleResult,
+    RandomCuts,
+    cost_graph,
+    cut_cost,
+    cut_edges,
+    cut_scale,
+    edge_costs,
+    find_modules,
+    module_sweep,
+    random_partition_costs,
+)
+from .sparsity import FRACTIONS, edge_fraction, edge_fractions, gini, lorenz_curve, sparsity_row, sparsity_table
 
-__all__ = ["EdgeAccumulator", "EdgeConfig", "collect_edges", "graphs_from_stats", "node_bases", "InteractionGraph"]
-from .ablation import AblationCurve, ablation_curves, random_basis  # noqa: E402
-
-__all__ += ["AblationCurve", "ablation_curves", "random_basis"]
+__all__ = [
+    "AblationCurve", "ablation_curves", "random_basis",
+    "EdgeAccumulator", "EdgeConfig", "collect_edges", "graphs_from_stats", "node_bases", "InteractionGraph",
+    "DEFAULT_BALANCE", "DEFAULT_EPS_RTOL", "Bisection", "CutEdge", "CutScale", "ModuleResult", "RandomCuts",
+    "cost_graph", "cut_cost", "cut_edges", "cut_scale", "edge_costs", "find_modules", "module_sweep",
+    "random_partition_costs",
+    "FRACTIONS", "edge_fraction", "edge_fractions", "gini", "lorenz_curve", "sparsity_row", "sparsity_table",
+]

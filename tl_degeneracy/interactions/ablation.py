@@ -119,7 +119,7 @@ def ablation_curves(
     for hook, name, layer in bar:
         keep = torch.ones(layer.k, dtype=torch.bool, device=device)
 
-        def keep_top(f_hat: Tensor, hook: Any) -> Tensor:
+        def keep_top(f_hat: Tensor, hook: Any, keep: Tensor = keep) -> Tensor:
             return f_hat * keep.to(f_hat.dtype)  # the mean of every f̂ coordinate is 0
 
         grid = sorted({min(k, layer.k) for k in (ks if ks is not None else default_grid(layer.k))})

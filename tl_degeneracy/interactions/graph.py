@@ -22,7 +22,7 @@ class InteractionGraph:
 
     basis: str  # "interaction" | "pca" | "standard" | "random" (a name, for tables and plots)
     nodes: list[str]
-    edges: list[Float[Tensor, "k_out k_in"]]  # edges[l][i, j]: node l direction j → node l+1 direction i
+    edges: list[Float[Tensor, "_k_out _k_in"]]  # edges[l][i, j]: node l direction j → node l+1 direction i
     n_datapoints: list[int] = field(default_factory=list)  # output datapoints behind each edges[l]
     meta: dict[str, Any] = field(default_factory=dict)
 
