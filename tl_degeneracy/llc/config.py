@@ -1,0 +1,231 @@
+"""What one ``N_eff(ε)`` estimate samples: frozen, validated, and its identity in a checkpoint.
+
+``LLCConfig`` holds the sampler's settings (scales ε, localisation γ, step size, chains,
+draws, burn-in, integrator, seed, minibatching, diagnostics); ``ParamSubset`` says which
+parameters move (the rest stay at θ*). Both validate on construction, with one
+``ValueError`` naming the option to change, and describe themselves with ``to_dict()``:
+the identity a checkpoint records, so that resuming a different run is refused, naming the
+field (docs/llc.md).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..losses import MSE, BehavioralLoss, as_loss
+
+LOGITS = "logits"
+
+
+class Integrator(str, Enum):
+    """The Langevin discretisation (docs/llc.md §2). ``U(θ) = t·L_B(θ) + γ/2 ‖θ − θ*‖²``.
+
+    ``EULER``: devinterp's SGLD, ``θ' = θ − (η/2)∇U(θ) + √η ξ``. Its stationary law is biased
+    by O(η): on a quadratic with curvature ``a`` the variance is ``1/(a(1 − ηa/4))``.
+    ``LEIMKUHLER_MATTHEWS``: the same drift with the noise of two steps averaged,
+    ``θ' = θ − (η/2)∇U(θ) + √η (ξ + ξ')/2``; one gradient per step as well, exact on
+    quadratics for every stable η and O(η²) otherwise, so larger steps can be taken.
+    """
+
+    EULER = "euler"
+    LEIMKUHLER_MATTHEWS = "leimkuhler_matthews"
+
+
+def _positive(value: Any, what: str, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}. {hint}")
+    return float(value)
+
+
+def _count(value: Any, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        word = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{what} must be {word}, got {value!r}")
+    return int(value)
+
+
+def _scales(eps: Any) -> tuple[float, ...]:
+    items = [eps] if isinstance(eps, (int, float)) and not isinstance(eps, bool) else list(eps)
+    if not items:
+        raise ValueError("eps must be a positive loss scale or a non-empty list of them (e.g. eps=[1e-4, 1e-2])")
+    out = tuple(_positive(e, "eps (each loss scale ε)",
+                          "ε is the loss scale: the sampler runs at inverse temperature t = 1/ε; pass e.g. eps=1e-3.")
+                for e in items)
+    if len(set(out)) != len(out):
+        raise ValueError(f"eps lists a scale twice: {list(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class LLCConfig:
+    """Settings of the SGLD estimate of ``N_eff(ε) = 2 t E_t[L_B]`` (docs/llc.md).
+
+    Args:
+        eps: loss scale(s) ε; each is sampled at inverse temperature ``t = 1/ε``.
+        gamma: localisation γ of ``p_t(θ) ∝ exp(−t L_B(θ) − γ/2 ‖θ − θ*‖²)``: directions whose
+            curvature is below ``γ ε`` count little (N_eff's soft cut-off).
+        step_size: SGLD step η, or None to choose it per ε from the curvature seen at θ* and
+            along a pilot chain (``η = step_fraction / (t h_max + γ)``).
+        step_fraction: ``η·a_max`` targeted by the automatic choice (stability needs < 4).
+        n_chains, n_draws, burn_in: chains per ε; recorded draws per chain; steps discarded first.
+        integrator: ``"leimkuhler_matthews"`` (default) or ``"euler"`` (devinterp's SGLD).
+        seed: chain ``c`` at scale index ``i`` draws from a generator seeded by ``(seed, i, c)``.
+        batch_size: sequences (rows) per minibatch; None: the whole data set every step.
+        loss: ``"mse"`` (``½‖z − z*‖²`` per datapoint, docs/theory.md §1) or ``"kl"`` (logits only).
+        output: ``"logits"`` or a hook name (local analysis up to that hook).
+        output_positions: output positions kept (e.g. ``[-1]``); None keeps every position.
+        drift_z: a chain whose post-burn-in halves differ by more than this many standard
+            errors is flagged as drifting and left out.
+        divergence_factor: a chain is stopped as diverged when ``t·L_B`` exceeds this factor
+            times ``N/2 + 1`` (``N/2``: the largest learning coefficient of N parameters) or
+            is not finite.
+        checkpoint_every: steps between mid-chain checkpoints (with a checkpoint path).
+    """
+
+    eps: float | Sequence[float]
+    gamma: float = 100.0
+    step_size: float | None = None
+    step_fraction: float = 1.0
+    n_chains: int = 4
+    n_draws: int = 400
+    burn_in: int = 100
+    integrator: Integrator | str = Integrator.LEIMKUHLER_MATTHEWS
+    seed: int = 0
+    batch_size: int | None = None
+    loss: str | BehavioralLoss = field(default_factory=MSE)
+    output: str = LOGITS
+    output_positions: int | Sequence[int] | None = None
+    drift_z: float = 4.0
+    divergence_factor: float = 100.0
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("eps", _scales(self.eps))
+        put("gamma", _positive(self.gamma, "gamma", "γ localises the sampler at θ*; pass e.g. gamma=100."))
+        if self.step_size is not None:
+            put("step_size", _positive(self.step_size, "step_size",
+                                       "Pass a positive SGLD step η, or step_size=None to choose it automatically."))
+        put("step_fraction", _positive(self.step_fraction, "step_fraction", "The automatic step aims at η·a_max = "
+                                       "step_fraction; values in (0, 2] are stable."))
+        if self.step_fraction >= 4:  # type: ignore[operator]
+            raise ValueError(f"step_fraction={self.step_fraction} is unstable: Langevin steps need η·a_max < 4; "
+                             "pass a value in (0, 2].")
+        put("n_chains", _count(self.n_chains, "n_chains"))
+        put("n_draws", _count(self.n_draws, "n_draws", 4))
+        put("burn_in", _count(self.burn_in, "burn_in", 0))
+        try:
+            put("integrator", Integrator(self.integrator))
+        except ValueError:
+            raise ValueError(f"integrator must be one of {[i.value for i in Integrator]}, "
+                             f"got {self.integrator!r}") from None
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.batch_size is not None:
+            put("batch_size", _count(self.batch_size, "batch_size"))
+        put("loss", as_loss(self.loss))
+        if not isinstance(self.output, str) or not self.output:
+            raise ValueError(f"output must be 'logits' or a hook name, got {self.output!r}")
+        if self.behavioral_loss.needs_logits and self.output != LOGITS:
+            raise ValueError(f"loss={self.behavioral_loss.name!r} needs output='logits' (it uses the softmax)")
+        if self.output_positions is not None:
+            items = [self.output_positions] if isinstance(self.output_positions, int) else list(self.output_positions)
+            if not items or any(isinstance(p, bool) or not isinstance(p, int) for p in items):
+                raise ValueError(f"output_positions must be an int or a non-empty list of ints, "
+                                 f"got {self.output_positions!r}")
+            put("output_positions", tuple(int(p) for p in items))
+        put("drift_z", _positive(self.drift_z, "drift_z", "It is the drift test's threshold in standard errors."))
+        put("divergence_factor", _positive(self.divergence_factor, "divergence_factor",
+                                           "A chain whose t·L_B exceeds it times N/2 + 1 is stopped as diverged."))
+        put("checkpoint_every", _count(self.checkpoint_every, "checkpoint_every"))
+
+    @property
+    def behavioral_loss(self) -> BehavioralLoss:
+        assert isinstance(self.loss, BehavioralLoss)
+        return self.loss
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        assert isinstance(self.eps, tuple)
+        return self.eps
+
+    @property
+    def n_steps(self) -> int:
+        return self.burn_in + self.n_draws  # type: ignore[operator]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that changes the draws (``checkpoint_every`` does not)."""
+        return {"eps": list(self.scales), "gamma": self.gamma, "step_size": self.step_size,
+                "step_fraction": self.step_fraction, "n_chains": self.n_chains, "n_draws": self.n_draws,
+                "burn_in": self.burn_in, "integrator": Integrator(self.integrator).value, "seed": self.seed,
+                "batch_size": self.batch_size, "loss": self.behavioral_loss.name, "output": self.output,
+                "output_positions": None if self.output_positions is None
+                else list(self.output_positions),  # type: ignore[arg-type]
+                "drift_z": self.drift_z, "divergence_factor": self.divergence_factor}
+
+
+@dataclass(frozen=True)
+class ParamSubset:
+    """Which parameters the chains move; every other parameter stays at θ*.
+
+    Names are TransformerLens's (``blocks.1.attn.W_Q``, ``unembed.W_U``, ``blocks.0.mlp.b_out``)
+    on both generations (a ``TransformerBridge``'s own parameters are mapped to them), or a
+    plain module's ``named_parameters()`` names.
+
+    Args:
+        names: glob patterns (``"blocks.1.attn.W_*"``); None: every parameter (or ``layer``'s).
+        layer: only parameters of ``blocks.{layer}``.
+        head: only this head's slice of the matched attention tensors (``W_Q/W_K/W_V/W_O``,
+            ``b_Q/b_K/b_V``: their leading head axis); other matched tensors are refused.
+    """
+
+    names: str | Sequence[str] | None = None
+    layer: int | None = None
+    head: int | None = None
+
+    def __post_init__(self) -> None:
+        names = self.names
+        if names is not None:
+            items = [names] if isinstance(names, str) else list(names)
+            if not items or any(not isinstance(n, str) or not n for n in items):
+                raise ValueError(f"names must be a glob pattern or a non-empty list of them, got {names!r}")
+            object.__setattr__(self, "names", tuple(items))
+        for what in ("layer", "head"):
+            value = getattr(self, what)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return ("*",) if self.names is None else tuple(self.names)
+
+    def selects(self, name: str) -> bool:
+        """Whether the parameter ``name`` (TransformerLens naming) is in the subset."""
+        import fnmatch
+
+        if self.layer is not None and not name.startswith(f"blocks.{self.layer}."):
+            return False
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def describe(self) -> str:
+        text = ",".join(self.names) if self.names is not None else "all parameters"
+        if self.layer is not None:
+            text += f" in layer {self.layer}"
+        if self.head is not None:
+            text += f", head {self.head}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": None if self.names is None else list(self.names), "layer": self.layer, "head": self.head}
+
+
+def as_subset(spec: ParamSubset | str | Sequence[str] | None) -> ParamSubset:
+    """``ParamSubset`` from a subset, a glob or a list of globs (None: every parameter)."""
+    if isinstance(spec, ParamSubset):
+        return spec
+    return ParamSubset(names=spec)

@@ -1,0 +1,351 @@
+"""The behavioural loss ``L_B`` as a function of a chosen subset of parameters (docs/llc.md §1).
+
+A target owns three things: the parameter entries the chains move (``ParamSlot``s; every
+other entry stays at θ*), the outputs ``z_θ*`` of the analysed model on the sampling data
+(cached once per minibatch), and ``loss(b)``, an unbiased estimate of
+
+    L_B(θ) = 1/n Σ_datapoints ℓ(z_θ, z_θ*),   ℓ = ½‖z − z*‖² (MSE) or KL(softmax z* ‖ softmax z)
+
+from minibatch ``b`` (``n_batches/n · Σ_{i∈b} ℓ_i``: a minibatch drawn uniformly from a fixed
+partition gives the full-data mean on average, whatever the batch sizes).
+
+``TransformerTarget`` reads a TransformerLens model's logits or a hook (datapoints:
+``(sequence, position)`` pairs, as in docs/theory.md §1); ``FunctionTarget`` reads any
+``nn.Module`` whose output rows are the datapoints (toy models with known learning
+coefficients). Parameter names are TransformerLens's on both generations: a
+``TransformerBridge``'s own parameters are mapped to them by writing index codes into its
+parameters and reading them back through ``tl_named_parameters()`` (then restoring θ*).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..data import TokenBatch
+from ..generations import HookedModel, describe_model
+from ..losses import BehavioralLoss
+from ..positions import position_mask
+from .config import LOGITS, LLCConfig, ParamSubset
+
+HEAD_TENSORS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_Q", "attn.b_K", "attn.b_V")
+
+
+@dataclass
+class ParamSlot:
+    """The sampled entries of one model parameter (``index`` None: all of them)."""
+
+    name: str  # the parameter's name in the model
+    label: str  # what the user selected (TransformerLens names, head slices)
+    param: torch.nn.Parameter
+    index: Int[Tensor, " k"] | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel() if self.index is None else int(self.index.numel())
+
+    def read(self) -> Tensor:
+        """The sampled entries, flat (a view of the parameter when it is whole)."""
+        flat = self.param.detach().reshape(-1)
+        return flat if self.index is None else flat[self.index]
+
+    def write(self, values: Tensor) -> None:
+        with torch.no_grad():
+            if self.index is None:
+                self.param.copy_(values.reshape(self.param.shape))
+            else:
+                self.param.view(-1).index_copy_(0, self.index, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "parameter": self.name, "numel": self.numel}
+
+
+# -- parameter names ---------------------------------------------------------------------------
+
+def _module_parameters(model: torch.nn.Module) -> dict[str, tuple[str, Tensor | None]]:
+    """``{name: (parameter name, None)}``: a module's own names, every entry (identity map)."""
+    return {name: (name, None) for name, _ in model.named_parameters()}
+
+
+def _bridge_parameters(model: Any) -> dict[str, tuple[str, Tensor | None]]:
+    """TransformerLens names of a ``TransformerBridge`` → (its parameter, flat index per entry).
+
+    Each parameter is filled with codes (its number, then its flat index in base-256 digits,
+    exact in every float dtype), ``tl_named_parameters()`` is read back, and θ* is restored.
+    A TL tensor that is not a re-arrangement of one parameter's entries is left out.
+    """
+    named = list(model.named_parameters())
+    saved = [p.detach().clone() for _, p in named]
+    digits = max(1, math.ceil(math.log(max(p.numel() for _, p in named) + 1, 256)))
+    reads: list[dict[str, Tensor]] = []
+    try:
+        with torch.no_grad():
+            for d in range(digits + 1):
+                for i, (_, p) in enumerate(named):
+                    if d == 0:
+                        p.fill_(float(i % 256))
+                    else:
+                        codes = torch.arange(p.numel(), device=p.device) // 256 ** (d - 1) % 256
+                        p.copy_(codes.reshape(p.shape).to(p.dtype))
+                reads.append({k: v.detach().to(torch.float64).clone() for k, v in model.tl_named_parameters()})
+            if len(named) > 256:  # the parameter number needs a second digit
+                for i, (_, p) in enumerate(named):
+                    p.fill_(float(i // 256))
+                high = {k: v.detach().to(torch.float64).clone() for k, v in model.tl_named_parameters()}
+            else:
+                high = {k: torch.zeros_like(v) for k, v in reads[0].items()}
+    finally:
+        with torch.no_grad():
+            for (_, p), value in zip(named, saved):
+                p.copy_(value)
+    out: dict[str, tuple[str, Tensor | None]] = {}
+    for key, code in reads[0].items():
+        which = code + 256 * high[key]
+        if which.numel() == 0 or not bool((which == which.reshape(-1)[0]).all()):
+            continue
+        number = int(which.reshape(-1)[0])
+        if not 0 <= number < len(named):
+            continue
+        index = sum(reads[d + 1][key] * 256.0 ** d for d in range(digits))
+        assert isinstance(index, Tensor)
+        if not bool((index == index.round()).all()):
+            continue
+        name, p = named[number]
+        index = index.long()
+        if int(index.min()) < 0 or int(index.max()) >= p.numel() or index.unique().numel() != index.numel():
+            continue
+        out[key] = (name, index)
+    return out
+
+
+def parameter_map(model: torch.nn.Module) -> dict[str, tuple[str, Tensor | None]]:
+    """The names users select by → (the model's parameter name, flat indices shaped like the TL tensor)."""
+    if hasattr(model, "tl_named_parameters"):  # TransformerBridge: its own names are the HF module tree's
+        return _bridge_parameters(model)
+    return _module_parameters(model)
+
+
+def resolve_subset(model: torch.nn.Module, subset: ParamSubset) -> list[ParamSlot]:
+    """The parameter slots a subset selects; one ``ValueError`` naming what to change if none."""
+    mapping = parameter_map(model)
+    params = dict(model.named_parameters())
+    chosen = [name for name in mapping if subset.selects(name)]
+    if not chosen:
+        close = sorted({m for p in subset.patterns for m in difflib.get_close_matches(p, list(mapping), n=4,
+                                                                                       cutoff=0.5)})
+        hint = f" Close names: {close}." if close else f" Parameter names look like {list(mapping)[:4]}."
+        raise ValueError(f"the parameter subset {subset.describe()!r} matches no parameter of this model.{hint} "
+                         "Pass names= glob patterns of TransformerLens parameter names (e.g. 'blocks.0.attn.W_Q', "
+                         "'blocks.1.*', 'unembed.W_U'), a layer that exists, or omit the subset for every parameter.")
+    indices: dict[str, list[Tensor]] = {}
+    labels: dict[str, list[str]] = {}
+    for name in chosen:
+        pname, index = mapping[name]
+        p = params[pname]
+        full = torch.arange(p.numel(), device=p.device).reshape(p.shape) if index is None else index.to(p.device)
+        label = name
+        if subset.head is not None:
+            if not name.endswith(HEAD_TENSORS):
+                raise ValueError(f"head={subset.head} selects one attention head's slice, but the subset also matches "
+                                 f"{name!r}, which has no head axis; narrow names= to attention matrices "
+                                 "(e.g. 'blocks.0.attn.W_[QKV]' or 'blocks.0.attn.W_O').")
+            if subset.head >= full.shape[0]:
+                raise ValueError(f"head={subset.head} does not exist: {name} has {full.shape[0]} heads "
+                                 f"(0..{full.shape[0] - 1}).")
+            full = full[subset.head]
+            label = f"{name}[{subset.head}]"
+        indices.setdefault(pname, []).append(full.reshape(-1))
+        labels.setdefault(pname, []).append(label)
+    slots = []
+    for pname, parts in indices.items():
+        p = params[pname]
+        if not p.is_floating_point():
+            continue
+        index = torch.cat(parts).unique()
+        slots.append(ParamSlot(pname, "+".join(labels[pname]), p, None if index.numel() == p.numel() else index))
+    return slots
+
+
+# -- behavioural loss values -------------------------------------------------------------------
+
+def datapoint_losses(loss: BehavioralLoss, z: Float[Tensor, "n d"], z_star: Float[Tensor, "n d"]
+                     ) -> Float[Tensor, " n"]:
+    """ℓ per datapoint: ``½‖z − z*‖²`` (MSE) or ``KL(p* ‖ p)`` with ``z_star`` holding ``log p*`` (KL)."""
+    if loss.needs_logits:  # KL: z_star is log softmax of the analysed model's logits
+        log_p = torch.log_softmax(z, dim=-1)
+        return (z_star.exp() * (z_star - log_p)).sum(-1)
+    return 0.5 * (z - z_star).square().sum(-1)
+
+
+def reference_output(loss: BehavioralLoss, z: Tensor) -> Tensor:
+    """What ``datapoint_losses`` compares against: ``z*`` itself, or ``log softmax z*`` for KL."""
+    z = z.detach()
+    return torch.log_softmax(z, dim=-1) if loss.needs_logits else z.clone()
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+class Target(ABC):
+    """``L_B`` restricted to ``slots``; minibatches ``0..n_batches-1`` partition the data."""
+
+    slots: list[ParamSlot]
+    n_datapoints: int
+    module: Any  # a TransformerLens model or a plain nn.Module
+
+    @property
+    @abstractmethod
+    def n_batches(self) -> int: ...
+
+    @abstractmethod
+    def outputs(self, batch: int) -> Tensor:
+        """The current model's output at the datapoints of minibatch ``batch``, ``[n_b, d]``."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity (model, data, output) for checkpoints."""
+
+    def prepare(self, loss: BehavioralLoss) -> None:
+        """Cache ``z_θ*`` per minibatch (call at θ*); refuse non-finite outputs."""
+        self.loss_fn = loss
+        self.reference: list[Tensor] = []
+        with torch.no_grad():
+            for b in range(self.n_batches):
+                z = self.outputs(b)
+                if not bool(torch.isfinite(z).all()):
+                    raise ValueError(f"the model's output at θ* is not finite (NaN or Inf) on minibatch {b}: the "
+                                     "behavioural loss has no reference. Check the model's dtype (float16 "
+                                     "overflows) and the data.")
+                self.reference.append(reference_output(loss, z))
+
+    def loss(self, batch: int) -> Tensor:
+        """Unbiased minibatch estimate of ``L_B`` (float64, differentiable w.r.t. the slots)."""
+        ell = datapoint_losses(self.loss_fn, self.outputs(batch), self.reference[batch])
+        return ell.to(torch.float64).sum() * (self.n_batches / self.n_datapoints)
+
+    @property
+    def n_params(self) -> int:
+        return sum(s.numel for s in self.slots)
+
+    @contextmanager
+    def grads_for_slots(self) -> Iterator[list[torch.nn.Parameter]]:
+        """Only the slots' parameters require grad while sampling (restored afterwards)."""
+        model = self.module
+        before = {id(p): p.requires_grad for p in model.parameters()}
+        chosen = {id(s.param) for s in self.slots}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(id(p) in chosen)
+            yield [s.param for s in self.slots]
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(before[id(p)])
+
+
+def _digest(tensors: list[Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _StopForward(Exception):
+    pass
+
+
+class TransformerTarget(Target):
+    """A TransformerLens model's logits (or a hook's activation) on token batches."""
+
+    def __init__(self, model: HookedModel, batches: list[TokenBatch], config: LLCConfig, slots: list[ParamSlot]):
+        if not batches:
+            raise ValueError("the sampling data is empty: pass token ids or a dataset with at least one sequence")
+        self.module = model
+        self.batches = batches
+        self.output = config.output
+        self.output_positions: tuple[int, ...] | None = config.output_positions  # type: ignore[assignment]
+        self.slots = slots
+        self.device = next(iter(model.parameters())).device
+        if self.output != LOGITS:
+            from ..hook_names import resolve_hooks
+
+            resolve_hooks(model, [self.output])
+        positions = None if self.output_positions is None else list(self.output_positions)
+        self.masks = [position_mask(positions, b.tokens.shape[0], b.tokens.shape[1], b.attention_mask,
+                                    device=self.device) for b in batches]
+        self.n_datapoints = int(sum(int(m.sum()) for m in self.masks))
+        if self.n_datapoints == 0:
+            raise ValueError("the sampling data has no datapoints (every output position is padding)")
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batches)
+
+    def outputs(self, batch: int) -> Tensor:
+        b = self.batches[batch]
+        tokens = b.tokens.to(self.device)
+        kwargs = {} if b.attention_mask is None else {"attention_mask": b.attention_mask.to(self.device)}
+        if self.output == LOGITS:
+            z = self.module(tokens, **kwargs)
+        else:
+            captured: dict[str, Tensor] = {}
+
+            def grab(act: Tensor, hook: Any) -> None:
+                captured["z"] = act
+                raise _StopForward  # nothing after the output hook matters
+
+            try:
+                with self.module.hooks(fwd_hooks=[(self.output, grab)]):
+                    self.module(tokens, **kwargs)
+            except _StopForward:
+                pass
+            z = captured["z"]
+        z = z.reshape(z.shape[0], z.shape[1], -1)
+        return z[self.masks[batch]]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "transformer", "model": describe_model(self.module), "output": self.output,
+                "output_positions": None if self.output_positions is None else list(self.output_positions),
+                "n_sequences": sum(b.tokens.shape[0] for b in self.batches), "n_datapoints": self.n_datapoints,
+                "data_sha256": _digest([b.tokens for b in self.batches]
+                                       + [b.attention_mask for b in self.batches if b.attention_mask is not None])}
+
+
+class FunctionTarget(Target):
+    """Any ``nn.Module`` mapping input rows to outputs: each row is a datapoint."""
+
+    def __init__(self, module: torch.nn.Module, inputs: Tensor, config: LLCConfig, slots: list[ParamSlot]):
+        if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
+            raise ValueError("a plain module needs its inputs as a tensor with one row per datapoint")
+        if config.behavioral_loss.needs_logits and config.output != LOGITS:
+            raise ValueError("KL needs logits")
+        if config.output != LOGITS or config.output_positions is not None:
+            raise ValueError("output= and output_positions= apply to TransformerLens models; a plain module's "
+                             "output rows are the datapoints")
+        self.module = module
+        self.slots = slots
+        size = inputs.shape[0] if config.batch_size is None else config.batch_size
+        self.chunks = list(inputs.split(size))
+        self.n_datapoints = int(inputs.shape[0])
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.chunks)
+
+    def outputs(self, batch: int) -> Tensor:
+        z = self.module(self.chunks[batch])
+        return z.reshape(z.shape[0], -1)
+
+    def describe(self) -> dict[str, Any]:
+        sums = [float(p.detach().double().sum()) for p in self.module.parameters()]
+        weights = hashlib.sha256(repr([f"{s:.12e}" for s in sums]).encode()).hexdigest()
+        return {"kind": "module", "class": type(self.module).__name__, "weights_sha256": weights,
+                "n_datapoints": self.n_datapoints, "data_sha256": _digest(self.chunks)}
