@@ -88,7 +88,7 @@ class LLCConfig:
     eps: float | Sequence[float]
     gamma: float = 100.0
     step_size: float | None = None
-    step_fraction: float = 1.0
+    step_fraction: float = 0.5
     n_chains: int = 4
     n_draws: int = 400
     burn_in: int = 100
