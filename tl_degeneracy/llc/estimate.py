@@ -76,7 +76,10 @@ def mean_and_se(x: Float[Tensor, " n"] | np.ndarray, tau: float | None = None) -
 def drift_statistic(draws: Float[Tensor, " n"] | np.ndarray) -> float:
     """(mean of the second half − mean of the first) / its standard error."""
     a = np.asarray(draws, dtype=np.float64)
-    tau = autocorrelation_time(a)
+    # τ from the linearly detrended trace: a trend would otherwise pass for slow mixing and
+    # widen the very standard errors it is tested against.
+    steps = np.arange(a.size, dtype=np.float64)
+    tau = autocorrelation_time(a - np.polyval(np.polyfit(steps, a, 1), steps))
     h = a.size // 2
     m1, s1 = mean_and_se(a[:h], tau)
     m2, s2 = mean_and_se(a[h:], tau)
@@ -229,7 +232,8 @@ def _chain_estimate(chain: Chain, config: LLCConfig) -> ChainEstimate:
         if abs(drift) > config.drift_z:
             status = ChainStatus.DRIFTED
             chain.reason = (f"post-burn-in trace drifts: second-half mean differs from the first by {drift:+.1f} "
-                            f"standard errors (limit {config.drift_z:g}); use more burn_in or a smaller step size")
+                            f"standard errors (limit {config.drift_z:g}); use more burn_in, and check the step size "
+                            "(too large biases and can diverge, too small does not mix)")
     return ChainEstimate(chain=chain.index, seed=chain.seed, status=status.value, reason=chain.reason,
                          n_eff=n_eff, standard_error=se, autocorrelation_time=tau, drift_z=drift,
                          steps_run=int(chain.step), trace=[float(v) for v in chain.trace])
@@ -498,14 +502,11 @@ def estimate_neff(
                     step_sizes[i] = (choice.step_size, choice)
             chain.step_size = step_sizes[i][0]
             while not chain.done:
-                until = chain.step + config.checkpoint_every if path is not None else None
+                until = (chain.step // config.checkpoint_every + 1) * config.checkpoint_every if path else None
                 run_chain(target, chain, all_callbacks, until=until)
                 if not chain.done:
                     save()
-    except KeyboardInterrupt:
-        save()
-        raise
-    finally:
+    finally:  # interrupted: the last checkpoint (a step boundary) stands; a mid-step state is never saved
         bar.close()
     save()
     if world > 1:
