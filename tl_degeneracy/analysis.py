@@ -99,6 +99,7 @@ class AnalysisReport:
     synchronized_neurons: SynchronizedNeurons | None = None
     format: str = REPORT_FORMAT
     notes: list[str] = field(default_factory=list)
+    interactions: dict[str, Any] | None = None  # interactions.run: edges' sparsity, modules, ablation curves
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +111,7 @@ class AnalysisReport:
             "synchronized_heads": None if self.synchronized_heads is None else self.synchronized_heads.to_dict(),
             "synchronized_neurons": None if self.synchronized_neurons is None else self.synchronized_neurons.to_dict(),
             "notes": self.notes,
+            "interactions": self.interactions,
         }
 
     @classmethod
@@ -124,7 +126,7 @@ class AnalysisReport:
             provenance=Provenance(**data["provenance"]),
             synchronized_heads=None if heads is None else SynchronizedHeads.from_dict(heads),
             synchronized_neurons=None if neurons is None else SynchronizedNeurons.from_dict(neurons),
-            format=data["format"], notes=data.get("notes", []),
+            format=data["format"], notes=data.get("notes", []), interactions=data.get("interactions"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -240,4 +242,9 @@ def render(out: str | Path) -> Path:
     if report.degeneracy.per_layer:
         figures["parameters"].append(plots.effective_parameters(report.degeneracy.per_layer,
                                                                 out / "plots" / "parameters.png"))
+    if report.interactions is not None:
+        from .interactions.run import EDGES_FILE, interaction_figures
+
+        if (out / EDGES_FILE).is_file():
+            figures.update(interaction_figures(out, report.interactions))
     return write_html(report, figures, out / "report.html")

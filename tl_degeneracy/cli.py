@@ -74,6 +74,16 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -323,6 +333,7 @@ def analyze(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     options = dict(hooks=args.hooks, max_tokens=args.tokens, batch_size=args.batch_size, context=args.context,
                    n_probes=args.probes, rtol=args.rtol)
+    interactions = interactions_config(args) if args.interactions else None
     try:
         AnalysisConfig(hooks=None if args.hooks is None else tuple(args.hooks), max_tokens=args.tokens,
                        batch_size=args.batch_size, context=args.context, n_probes=args.probes, rtol=args.rtol)
@@ -355,6 +366,10 @@ def analyze(args: argparse.Namespace) -> int:
         try:
             report = run_analysis(model, data, out, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
                                   dataset=args.dataset or EMBEDDED_TEXT, **options)
+            if interactions is not None:
+                run_interactions(model, data, out, interactions, resume=args.resume,
+                                 keep_checkpoint=args.keep_checkpoint)
+                report = load_report(out)
         except UnknownHookError as exc:
             fail(unknown_hook_message(exc, args.model))
         except (CheckpointMismatchError, EmptyDataError, HubUnavailableError, NonFiniteError, ValueError) as exc:
@@ -374,9 +389,82 @@ def analyze(args: argparse.Namespace) -> int:
             remove_empty_dirs(created)
     print_summary(report)
     kept = ", checkpoint.safetensors" if args.keep_checkpoint else ""
-    print(f"\nwrote {out}/: stats.safetensors, basis.safetensors, pca_basis.safetensors, report.json, plots/, "
+    extra = ", interactions.safetensors" if interactions is not None else ""
+    print(f"\nwrote {out}/: stats.safetensors, basis.safetensors, pca_basis.safetensors{extra}, report.json, plots/, "
           f"report.html{kept}")
     return 0
+
+
+def interactions_config(args: argparse.Namespace) -> Any:
+    from .interactions.run import InteractionsConfig
+
+    try:
+        return InteractionsConfig(exact=args.exact_edges, n_probes=args.edge_probes, max_tokens=args.edge_tokens,
+                                  batch_size=args.batch_size, eps_rtol_grid=tuple(args.eps_rtol),
+                                  n_modules=args.modules, ablation_tokens=args.ablation_tokens)
+    except ValueError as exc:
+        fail(paragraph(exc))
+
+
+def run_interactions(model: Any, data: Any, out: Path, config: Any, *, resume: bool, keep_checkpoint: bool) -> None:
+    """The interaction graph of the analysis in ``out``, then the report re-rendered with its plots."""
+    from .analysis import render
+    from .interactions.run import interactions_analysis
+
+    section = interactions_analysis(model, data, out, config, resume=resume, keep_checkpoint=keep_checkpoint)
+    render(out)
+    print(f"\ninteraction graph: {len(section['nodes'])} nodes, {section['edge_tokens']} tokens, "
+          f"{section['edge_seconds']} s for the edges")
+    print(f"{'basis':12s} {'layer pair':58s} {'edges':>7s} {'99% in':>7s} {'Gini':>6s}")
+    for row in section["sparsity"]:
+        print(f"{row['basis']:12s} {row['source'] + ' -> ' + row['target']:58s} {row['n_edges']:7d} "
+              f"{row['fractions']['0.99']:7.3f} {row['gini']:6.3f}")
+
+
+def interactions_cmd(args: argparse.Namespace) -> int:
+    from . import CheckpointMismatchError, EmptyDataError, NonFiniteError, Terminated
+    from .generations import HubUnavailableError
+    from .interactions.run import CHECKPOINT_FILE
+
+    folder = check_run_dir(args.dir, ["basis.safetensors", "pca_basis.safetensors", "stats.safetensors"])
+    load_report(folder)
+    check_device(args.device)
+    check_model_arg(args.model)
+    config = interactions_config(args)
+    checkpoint = folder / CHECKPOINT_FILE
+    try:
+        data = load_text_dataset(args.dataset)
+        model = load_model_for_cli(args.model, DTYPES[args.dtype], args.device)
+        try:
+            run_interactions(model, data, folder, config, resume=args.resume, keep_checkpoint=args.keep_checkpoint)
+        except (CheckpointMismatchError, EmptyDataError, HubUnavailableError, NonFiniteError, ValueError) as exc:
+            fail(paragraph(exc))
+    except KeyboardInterrupt as exc:
+        how = "interrupted by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        where = (f"the checkpoint is in {checkpoint}; rerun the same command with --resume to continue"
+                 if checkpoint.exists() else "nothing was written")
+        print(f"\n{how}: {where}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    print(f"wrote {folder}/interactions.safetensors, report.json, plots/, report.html")
+    return 0
+
+
+def add_interaction_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("interaction graph (docs/theory.md §8)")
+    g.add_argument("--edge-tokens", type=positive_int, default=2048, metavar="N",
+                   help="tokens the edges are averaged over (default: %(default)s)")
+    g.add_argument("--exact-edges", action="store_true",
+                   help="exact edges: one backward pass per output position and direction, instead of probes "
+                        "(default: off)")
+    g.add_argument("--edge-probes", type=positive_int, default=4, metavar="N",
+                   help="Rademacher probes over output positions per output direction (default: %(default)s)")
+    g.add_argument("--eps-rtol", type=positive_float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-6],
+                   metavar="R", help="module-search scales ε, relative to the largest edge (default: 1e-1 1e-2 "
+                                     "1e-3 1e-4 1e-6)")
+    g.add_argument("--modules", type=positive_int, default=2, metavar="N",
+                   help="modules to split the graph into (default: %(default)s)")
+    g.add_argument("--ablation-tokens", type=positive_int, default=2048, metavar="N",
+                   help="held-out tokens for the ablation curves (default: %(default)s)")
 
 
 def print_summary(report: Any) -> None:
@@ -529,7 +617,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keep-checkpoint", action="store_true",
                    help="keep DIR/checkpoint.safetensors after a successful run instead of deleting it "
                         "(default: off)")
+    a.add_argument("--interactions", action="store_true",
+                   help="also compute the interaction graph: edges in the interaction basis, PCA and the model's "
+                        "coordinates, their sparsity, modules and ablation curves (default: off)")
+    add_interaction_options(a)
     a.set_defaults(func=analyze)
+
+    i = sub.add_parser("interactions", help="the interaction graph of a finished analysis folder",
+                       description="Stream the edges between consecutive residual-stream nodes of the analysis in "
+                                   "DIR (same model, same text), and add their sparsity, modules and ablation "
+                                   "curves to report.json and report.html.")
+    i.add_argument("dir", metavar="DIR", help="the --out folder of a finished `tl-degeneracy analyze` run")
+    i.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="the model that analysis ran on (default: the embedded model)")
+    i.add_argument("--dataset", default=None, metavar="NAME_OR_PATH",
+                   help="the text that analysis ran on (default: the embedded text)")
+    i.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                   help="sequences per pass (default: %(default)s)")
+    i.add_argument("--device", default=None, help="where the model runs (default: the cpu)")
+    i.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="precision of the model's weights: the analysis's (default: %(default)s)")
+    i.add_argument("--resume", action="store_true",
+                   help="continue DIR/interactions_checkpoint.safetensors (default: off)")
+    i.add_argument("--keep-checkpoint", action="store_true", help="keep the edge checkpoint (default: off)")
+    add_interaction_options(i)
+    i.set_defaults(func=interactions_cmd)
 
     r = sub.add_parser("report", help="re-render plots and report.html from an analysis folder",
                        description="Redraw plots/ and report.html from the files `analyze` wrote, and print the "

@@ -110,6 +110,39 @@ def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Pat
         rows = [[l, s.d_mlp, len(s.dead), sum(len(b.neurons) > 1 for b in s.blocks), s.sum_s_squared_minus_d,
                  s.added_freedoms] for l, s in neurons.layers.items()]
         parts.append(_table(["layer", "d_mlp", "dead", "blocks (>1 neuron)", "Σ s_a² − d", "added freedoms"], rows))
+    if report.interactions is not None:
+        parts.append(_interactions_html(report.interactions, figures))
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _interactions_html(section: dict, figures: dict[str, list[Path]]) -> str:
+    """The interaction graph: sparsity per basis, modules per ε, ablation curves (docs/theory.md §8)."""
+    cfg = section["config"]
+    mode = "exact" if cfg["exact"] else f"{cfg['n_probes']} probes per output direction"
+    parts = ["<h2>Interaction graph</h2>",
+             f"<p class='note'>Edges E<sub>ij</sub> between consecutive nodes ({len(section['nodes'])} nodes), "
+             f"{section.get('edge_tokens')} tokens, {mode}; units: {html.escape(section['edge_units'])}.</p>"]
+    rows = [[r["basis"], f"{r['source']} → {r['target']}", r["n_edges"], f"{r['total']:.3g}",
+             *(f"{r['fractions'][q]:.3f}" for q in ("0.5", "0.9", "0.99")), f"{r['gini']:.3f}"]
+            for r in section["sparsity"]]
+    parts.append("<h3>Sparsity</h3><p class='note'>fraction of edges carrying 50/90/99% of ΣE (smaller is "
+                 "sparser) and the Gini coefficient (larger is sparser).</p>")
+    parts.append(_table(["basis", "layer pair", "edges", "ΣE", "50%", "90%", "99%", "Gini"], rows, left=2))
+    parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("lorenz", [])) + "</div>")
+    parts.append("<h3>Modules</h3><p class='note'>cut cost Σ max(0, ½ log(E/ε)) of the best balanced partition "
+                 f"into {cfg['n_modules']} modules (balance {cfg['balance']}), against random partitions of the "
+                 "same sizes; ε relative to the largest edge, absolute value alongside.</p>")
+    mrows = [[name, f"{r['eps_rtol']:.0e}" if r["eps_rtol"] is not None else "–", f"{r['eps']:.3g}",
+              ", ".join(map(str, r["module_sizes"])), f"{r['cut_cost']:.3g}", r["n_cut_edges"],
+              f"{r['random']['mean']:.3g}" if r["random"]["mean"] is not None else "–"]
+             for name, rs in section["modules"].items() for r in rs]
+    parts.append(_table(["basis", "ε/max E", "ε", "module sizes", "cut cost", "edges cut", "random mean"], mrows))
+    parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("interaction_graph", [])) + "</div>")
+    ab = section["ablation"]
+    parts.append(f"<h3>Ablation curves</h3><p class='note'>keep the top-k directions of one node, set the rest to "
+                 f"their mean; behavioural loss and cross-entropy increase on {ab['tokens']} tokens "
+                 f"({html.escape(ab['text'])}).</p>")
+    parts.append("".join(_img(p) for p in figures.get("ablation", [])))
+    return "\n".join(parts)

@@ -10,10 +10,12 @@ attribution sums over input positions ``t'`` inside the square. Every term is on
 product: the cotangent ``C_{l+1}[i]`` at output position ``t`` (``f̂ = C (f − μ)`` is linear),
 pulled back to ``f^l`` and carried into ``f̂^l`` by ``C_l⁺`` (``f^l = C_l⁺ f̂^l + μ`` on the span).
 
-- **exact**: one cotangent per (output position, output direction), batched over the sequences.
-- **probes**: one cotangent per (probe, output direction) with Rademacher signs ``r_t`` over the
+- **exact**: one cotangent per (output position, output coordinate), batched over the sequences.
+- **probes**: one cotangent per (probe, output coordinate) with Rademacher signs ``r_t`` over the
   output positions; ``E[(Σ_t r_t a_t)²] = Σ_t a_t²`` because ``E[r_t r_s] = δ_ts``, so the
-  estimate is unbiased and costs ``k_out × n_probes`` passes instead of ``k_out × positions``.
+  estimate is unbiased and costs ``d_out × n_probes`` passes instead of ``d_out × positions``.
+- The passes run along the output's own coordinates once and serve every basis (a pull-back is
+  linear in its cotangent: ``C_out[i]`` is a combination of coordinate vectors).
 
 Cotangents are chunked through one vmapped backward pass each (``is_grads_batched``), and autograd
 only visits the graph between the two nodes (it prunes what does not lead to ``f^l``); the forward
@@ -153,62 +155,79 @@ class EdgeConfig:
         return edge_batch(model, batch, self, batch_index)
 
 
-def _chunk_size(config: EdgeConfig, f_in: Tensor, k_in: int) -> int:
-    """Cotangents per vmapped backward pass, from the memory budget (1 to 256)."""
+def _chunk_size(config: EdgeConfig, f_in: Tensor, width: int) -> int:
+    """Cotangents per vmapped backward pass, from the memory budget (1 to ``width``)."""
     B, T = f_in.shape[:2]
-    per = B * T * (f_in.shape[-1] * f_in.element_size() * 2 + k_in * 8 * 2)  # grads (+ graph temps), float64 terms
+    per = B * T * f_in.shape[-1] * (f_in.element_size() * 3 + 8)  # grads, graph temporaries, their float64 copy
     budget = config.chunk_budget_bytes
     if f_in.device.type == "cuda":
         budget = max(budget, torch.cuda.mem_get_info(f_in.device)[0] // 4)
-    return int(max(1, min(256, budget // max(per, 1))))
+    return int(max(1, min(width, budget // max(per, 1))))
 
 
-def _pair_contribution(f_out: Tensor, f_in: Tensor, out_layer: LayerBasis, in_layer: LayerBasis,
-                       out_mask: Tensor, in_mask: Tensor, config: EdgeConfig, batch_index: int,
-                       pair_index: int) -> EdgeAccumulator:
-    """``Σ_x Σ_t a²`` for one layer pair in one basis, from the live graph between ``f_in`` and ``f_out``."""
+def _pair_contributions(f_out: Tensor, f_in: Tensor, out_layers: list[LayerBasis], in_layers: list[LayerBasis],
+                        out_mask: Tensor, in_mask: Tensor, config: EdgeConfig, batch_index: int,
+                        pair_index: int) -> list[EdgeAccumulator]:
+    """``Σ_x Σ_t a²`` for one layer pair in every basis, from the live graph between ``f_in`` and ``f_out``.
+
+    The pull-back is linear in the cotangent, so the backward passes are taken once, along the
+    output's own coordinates ``e_a`` (``d_out`` per position or probe), and every basis's output
+    direction ``C_out[i] = Σ_a C_out[i, a] e_a`` is a combination of them: one set of passes serves
+    all bases.
+    """
     f64 = torch.float64
-    C_out = out_layer.C.to(device=f_out.device, dtype=f_out.dtype)  # cotangent rows, in the model's dtype
-    C_in_pinv = in_layer.C_pinv.to(device=f_in.device, dtype=f64)
-    f_hat_in = in_layer.transform(f_in.detach().to(f64)) * in_mask.to(f64)[..., None]  # padding attributes nothing
-    k_out, k_in = C_out.shape[0], C_in_pinv.shape[1]
     B, T = out_mask.shape
-    E = torch.zeros(k_out, k_in, dtype=f64, device=f_in.device)
-    # Every cotangent is (what varies along the output positions) ⊗ (an output direction C_out[i]).
+    d_out = f_out.shape[-1]
+    mask_in = in_mask.to(f64)[..., None]
+    # per input basis: C_in⁺ and the coordinates f̂_in (padding attributes nothing)
+    pulls = [(layer.C_pinv.to(device=f_in.device, dtype=f64), layer.transform(f_in.detach().to(f64)) * mask_in)
+             for layer in in_layers]
+    C_outs = [layer.C.to(device=f_out.device, dtype=f64) for layer in out_layers]
+    E = [torch.zeros(C.shape[0], P.shape[1], dtype=f64, device=f_in.device) for C, (P, _) in zip(C_outs, pulls)]
+    # what the cotangent looks like along the positions: one output position (exact) or Rademacher signs
     if config.exact:
-        positions = torch.nonzero(out_mask.any(0)).flatten().tolist()
-        items = [(t, i) for t in positions for i in range(k_out)]
-        weight = 1.0
+        outer = [(1.0, t) for t in torch.nonzero(out_mask.any(0)).flatten().tolist()]
+        signs = None
     else:
         gen = batch_generator(config.seed * 7919 + pair_index, batch_index, f_out.device)
         signs = torch.randint(0, 2, (config.n_probes, B, T), generator=gen, device=f_out.device,
                               dtype=f_out.dtype).mul_(2).sub_(1) * out_mask.to(f_out.dtype)
-        items = [(p, i) for p in range(config.n_probes) for i in range(k_out)]
-        weight = 1.0 / config.n_probes
-    size = _chunk_size(config, f_in, k_in)
-    out_mask64 = out_mask.to(f64)
-    for start in range(0, len(items), size):
-        chunk = items[start:start + size]
-        rows = torch.tensor([i for _, i in chunk], device=f_out.device)
-        if config.exact:
-            pos = torch.tensor([t for t, _ in chunk], device=f_out.device)
-            along = torch.zeros(len(chunk), B, T, dtype=f_out.dtype, device=f_out.device)
-            along[torch.arange(len(chunk)), :, pos] = 1.0
-            row_weight = out_mask64[:, pos].T  # [c, B]: padded output positions count for nothing
+        outer = [(1.0 / config.n_probes, p) for p in range(config.n_probes)]
+    size = _chunk_size(config, f_in, d_out * len(outer))
+    per_group = max(1, size // d_out)  # whole outer items per group, so H stays [group, d_out, B, k_in]
+    eye = torch.eye(d_out, dtype=f_out.dtype, device=f_out.device)
+    for g0 in range(0, len(outer), per_group):
+        group = outer[g0:g0 + per_group]
+        if signs is None:
+            along = torch.zeros(len(group), B, T, dtype=f_out.dtype, device=f_out.device)
+            along[torch.arange(len(group)), :, [t for _, t in group]] = 1.0
+            row_weight = out_mask[:, [t for _, t in group]].T.to(f64)  # [g, B]: padded output positions count 0
         else:
-            along = signs[torch.tensor([p for p, _ in chunk], device=f_out.device)]
-            row_weight = None
-        cotangents = along[..., None] * C_out[rows][:, None, None, :]  # [c, B, T, d_out]
-        (grads,) = _probe_grads(f_out, [f_in], list(cotangents))
-        if grads is None:
-            raise RuntimeError(f"node {out_layer.hook!r} does not depend on {in_layer.hook!r}: order the nodes "
-                               "forward, each after the one before")
-        # ∂f̂_out_i/∂f̂_in_j(t') · f̂_in_j(t'), summed over the input positions t'
-        a = torch.einsum("cbtd,dk,btk->cbk", grads.to(f64), C_in_pinv, f_hat_in)
-        sq = a.square()
-        contrib = sq.sum(1) if row_weight is None else torch.einsum("cbk,cb->ck", sq, row_weight)
-        E.index_add_(0, rows, contrib * weight)
-    return EdgeAccumulator({"E": E, "n": out_mask.sum().to(torch.int64).reshape(())})
+            along, row_weight = signs[[p for _, p in group]], None
+        items = [(gi, a) for gi in range(len(group)) for a in range(d_out)]
+        H = [torch.empty(len(group), d_out, B, P.shape[1], dtype=f64, device=f_in.device) for P, _ in pulls]
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            gi = torch.tensor([i for i, _ in chunk], device=f_out.device)
+            ai = torch.tensor([a for _, a in chunk], device=f_out.device)
+            cotangents = along[gi][..., None] * eye[ai][:, None, None, :]  # [c, B, T, d_out]
+            (grads,) = _probe_grads(f_out, [f_in], list(cotangents))
+            if grads is None:
+                raise RuntimeError(f"node {out_layers[0].hook!r} does not depend on {in_layers[0].hook!r}: order "
+                                   "the nodes forward, each after the one before")
+            g = grads.to(f64)
+            for h, (P, f_hat) in zip(H, pulls):
+                # ∂(e_a·f_out)/∂f̂_in_j(t') · f̂_in_j(t'), summed over the input positions t'
+                h[gi, ai] = torch.einsum("cbtd,dk,btk->cbk", g, P, f_hat)
+        weights = torch.tensor([w for w, _ in group], dtype=f64, device=f_in.device)
+        for acc, C, h in zip(E, C_outs, H):
+            sq = torch.einsum("ia,gabk->gibk", C, h).square()  # a_ij per sequence, for every output direction i
+            if row_weight is None:
+                acc += torch.einsum("gibk,g->ik", sq, weights)
+            else:
+                acc += torch.einsum("gibk,gb,g->ik", sq, row_weight, weights)
+    n = out_mask.sum().to(torch.int64).reshape(())
+    return [EdgeAccumulator({"E": e, "n": n.clone()}) for e in E]
 
 
 def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
@@ -245,13 +264,15 @@ def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
                 if layers[l].d != f_in.shape[-1] or layers[l + 1].d != f_out.shape[-1]:
                     raise ValueError(f"basis {name!r} at {source!r}/{target!r} has d={layers[l].d}/{layers[l + 1].d}, "
                                      f"the activations {f_in.shape[-1]}/{f_out.shape[-1]}: fitted on another model?")
-                acc = _pair_contribution(f_out, f_in, layers[l + 1], layers[l], masks[target], in_mask, config,
-                                         batch_index, l)
-                if not bool(torch.isfinite(acc.tensors["E"]).all()):
-                    from ..batch_pass import NonFiniteError
+            accs = _pair_contributions(f_out, f_in, [layers[l + 1] for _, layers in config.bases],
+                                       [layers[l] for _, layers in config.bases], masks[target], in_mask, config,
+                                       batch_index, l)
+            if not all(bool(torch.isfinite(acc.tensors["E"]).all()) for acc in accs):
+                from ..batch_pass import NonFiniteError
 
-                    raise NonFiniteError(f"non-finite edges in batch {batch_index} between {source!r} and "
-                                         f"{target!r} ({name} basis): the model produced inf/NaN activations")
+                raise NonFiniteError(f"non-finite edges in batch {batch_index} between {source!r} and {target!r}: "
+                                     "the model produced inf/NaN activations")
+            for (name, _), acc in zip(config.bases, accs):
                 out[(f"{EDGES}:{name}", pair_name(source, target))] = acc
     return out
 
