@@ -167,42 +167,45 @@ def _gradient(target: Target, params: list[torch.nn.Parameter], batch: int) -> t
 
 
 def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.Generator) -> None:
-    """One Langevin update of every slot, in place (see the module docstring)."""
+    """One Langevin update of every slot, in place (see the module docstring).
+
+    Written as ``θ' = (1 − ηγ/2) θ + (ηγ/2) θ* − (ηt/2) g + noise``: whole parameters are
+    updated with ``torch._foreach_*`` kernels, no temporaries (an SGD step is one such pass).
+    """
     eta, t, gamma = chain.step_size, chain.t, chain.gamma
     root = math.sqrt(eta)
     lm = chain.integrator is Integrator.LEIMKUHLER_MATTHEWS
+    fresh = [torch.randn(c.shape, generator=noise_gen, dtype=c.dtype, device=c.device) for c in slots.centers]
     if lm and chain.noise is None:
-        chain.noise = [torch.randn(c.shape, generator=noise_gen, dtype=c.dtype, device=c.device)
-                       for c in slots.centers]
-    next_noise: list[Tensor] = []
+        chain.noise = fresh
+        fresh = [torch.randn(c.shape, generator=noise_gen, dtype=c.dtype, device=c.device) for c in slots.centers]
+    whole = [i for i, s in enumerate(slots.target.slots) if s.index is None and s.param.is_contiguous()]
+    parts = [i for i in range(len(slots.centers)) if i not in set(whole)]
     with torch.no_grad():
-        for i, (slot, center, g) in enumerate(zip(slots.target.slots, slots.centers, grads)):
-            fresh = torch.randn(center.shape, generator=noise_gen, dtype=center.dtype, device=center.device)
-            g = g.reshape(-1) if slot.index is None else g.reshape(-1)[slot.index]
-            if slot.index is None:
-                x = slot.param.view(-1) if slot.param.is_contiguous() else None
-                if x is not None:  # whole parameter: update in place, no copies
-                    drift = torch.sub(x, center).mul_(gamma).add_(g, alpha=t)
-                    x.add_(drift, alpha=-eta / 2)
-                    if lm:
-                        assert chain.noise is not None
-                        x.add_(chain.noise[i], alpha=root / 2).add_(fresh, alpha=root / 2)
-                    else:
-                        x.add_(fresh, alpha=root)
-                    next_noise.append(fresh)
-                    continue
-            x = slot.read()
-            drift = (x - center).mul_(gamma).add_(g, alpha=t)
-            new = x - (eta / 2) * drift
+        if whole:
+            xs = [slots.target.slots[i].param.view(-1) for i in whole]
+            torch._foreach_mul_(xs, 1 - eta * gamma / 2)
+            torch._foreach_add_(xs, [slots.centers[i] for i in whole], alpha=eta * gamma / 2)
+            torch._foreach_add_(xs, [grads[i].reshape(-1) for i in whole], alpha=-eta * t / 2)
             if lm:
                 assert chain.noise is not None
-                new += (root / 2) * (chain.noise[i] + fresh)
+                torch._foreach_add_(xs, [chain.noise[i] for i in whole], alpha=root / 2)
+                torch._foreach_add_(xs, [fresh[i] for i in whole], alpha=root / 2)
             else:
-                new += root * fresh
+                torch._foreach_add_(xs, [fresh[i] for i in whole], alpha=root)
+        for i in parts:
+            slot, center = slots.target.slots[i], slots.centers[i]
+            g = grads[i].reshape(-1) if slot.index is None else grads[i].reshape(-1)[slot.index]
+            x = slot.read()
+            new = x - (eta / 2) * ((x - center) * gamma + t * g)
+            if lm:
+                assert chain.noise is not None
+                new += (root / 2) * (chain.noise[i] + fresh[i])
+            else:
+                new += root * fresh[i]
             slot.write(new)
-            next_noise.append(fresh)
     if lm:
-        chain.noise = next_noise
+        chain.noise = fresh
 
 
 def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, until: int | None = None) -> None:

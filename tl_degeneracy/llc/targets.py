@@ -281,6 +281,7 @@ class TransformerTarget(Target):
         positions = None if self.output_positions is None else list(self.output_positions)
         self.masks = [position_mask(positions, b.tokens.shape[0], b.tokens.shape[1], b.attention_mask,
                                     device=self.device) for b in batches]
+        self.whole = [bool(m.all()) for m in self.masks]
         self.n_datapoints = int(sum(int(m.sum()) for m in self.masks))
         if self.n_datapoints == 0:
             raise ValueError("the sampling data has no datapoints (every output position is padding)")
@@ -309,7 +310,8 @@ class TransformerTarget(Target):
                 pass
             z = captured["z"]
         z = z.reshape(z.shape[0], z.shape[1], -1)
-        return z[self.masks[batch]]
+        mask = self.masks[batch]
+        return z.reshape(-1, z.shape[-1]) if self.whole[batch] else z[mask]  # a view when every position counts
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "transformer", "model": describe_model(self.module), "output": self.output,
