@@ -60,6 +60,7 @@ class Chain:
     trace: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     position: list[Tensor] | None = None  # the slots' entries between runs (None: at θ*)
     noise: list[Tensor] | None = None  # ξ of the coming step (Leimkuhler–Matthews)
+    fresh: list[Tensor] | None = field(default=None, repr=False)  # scratch for the next draw
     noise_gen: torch.Generator | None = None
     batch_gen: torch.Generator | None = None
 
@@ -143,7 +144,7 @@ class _Slots:
 
     def __init__(self, target: Target):
         self.target = target
-        self.centers = [s.read().detach().clone() for s in target.slots]
+        self.centers = target.centers  # θ*, copied once when the target was prepared
 
     def restore(self) -> None:
         for slot, center in zip(self.target.slots, self.centers):
@@ -156,8 +157,13 @@ class _Slots:
             for slot, values in zip(self.target.slots, position):
                 slot.write(values)
 
-    def current(self) -> list[Tensor]:
-        return [s.read().detach().clone() for s in self.target.slots]
+    def current(self, into: list[Tensor] | None = None) -> list[Tensor]:
+        """The slots' entries now (copied into ``into`` when given: no new allocation)."""
+        if into is None or len(into) != len(self.target.slots):
+            return [s.read().detach().clone() for s in self.target.slots]
+        for buf, slot in zip(into, self.target.slots):
+            buf.copy_(slot.read())
+        return into
 
 
 def _gradient(target: Target, params: list[torch.nn.Parameter], batch: int) -> tuple[Tensor, list[Tensor]]:
@@ -175,10 +181,11 @@ def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.G
     eta, t, gamma = chain.step_size, chain.t, chain.gamma
     root = math.sqrt(eta)
     lm = chain.integrator is Integrator.LEIMKUHLER_MATTHEWS
-    fresh = [torch.randn(c.shape, generator=noise_gen, dtype=c.dtype, device=c.device) for c in slots.centers]
+    if chain.fresh is None:  # noise buffers, refilled in place every step (no allocation)
+        chain.fresh = [torch.empty_like(c) for c in slots.centers]
     if lm and chain.noise is None:
-        chain.noise = fresh
-        fresh = [torch.randn(c.shape, generator=noise_gen, dtype=c.dtype, device=c.device) for c in slots.centers]
+        chain.noise = [torch.empty_like(c).normal_(generator=noise_gen) for c in slots.centers]
+    fresh = [buf.normal_(generator=noise_gen) for buf in chain.fresh]
     whole = [i for i, s in enumerate(slots.target.slots) if s.index is None and s.param.is_contiguous()]
     parts = [i for i in range(len(slots.centers)) if i not in set(whole)]
     with torch.no_grad():
@@ -204,8 +211,26 @@ def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.G
             else:
                 new += root * fresh[i]
             slot.write(new)
-    if lm:
-        chain.noise = fresh
+    if lm:  # this step's ξ' is the next step's ξ: swap the buffers
+        chain.noise, chain.fresh = fresh, chain.noise
+
+
+def sgld_step(target: Target, params: list[torch.nn.Parameter], slots: _Slots, chain: Chain,
+              callbacks: list[ChainCallback]) -> None:
+    """One step of ``chain`` (its position already in the model): draw a minibatch, record
+    ``L̂_B(θ)``, let the callbacks see it, update θ. The body of ``run_chain``'s loop."""
+    noise_gen, batch_gen = chain.generators(slots.centers[0].device if slots.centers else torch.device("cpu"))
+    batch = 0 if target.n_batches == 1 else int(torch.randint(target.n_batches, (1,), generator=batch_gen))
+    loss, grads = _gradient(target, params, batch)
+    value = float(loss)
+    chain.trace[chain.step] = value
+    step = chain.step
+    for cb in callbacks:
+        cb.on_step(chain, step, value)
+    if chain.done:
+        return
+    _update(slots, grads, chain, noise_gen)
+    chain.step += 1
 
 
 def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, until: int | None = None) -> None:
@@ -216,28 +241,15 @@ def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, u
     """
     slots = _Slots(target)
     stop_at = chain.n_steps if until is None else min(until, chain.n_steps)
-    device = slots.centers[0].device if slots.centers else torch.device("cpu")
-    noise_gen, batch_gen = chain.generators(device)
-    for cb in callbacks:
-        if chain.step == 0:
+    if chain.step == 0:
+        for cb in callbacks:
             cb.on_chain_start(chain)
     try:
         slots.load(chain.position)
         with target.grads_for_slots() as params:
             while chain.step < stop_at and not chain.done:
-                batch = 0 if target.n_batches == 1 else int(torch.randint(target.n_batches, (1,),
-                                                                          generator=batch_gen))
-                loss, grads = _gradient(target, params, batch)
-                value = float(loss)
-                chain.trace[chain.step] = value
-                step = chain.step
-                for cb in callbacks:
-                    cb.on_step(chain, step, value)
-                if chain.done:
-                    break
-                _update(slots, grads, chain, noise_gen)
-                chain.step += 1
-        chain.position = slots.current()
+                sgld_step(target, params, slots, chain, callbacks)
+        chain.position = slots.current(chain.position)
         if chain.step >= chain.n_steps and not chain.done:
             chain.status = ChainStatus.OK
     finally:

@@ -22,7 +22,7 @@ import difflib
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -76,73 +76,79 @@ def _module_parameters(model: torch.nn.Module) -> dict[str, tuple[str, Tensor | 
     return {name: (name, None) for name, _ in model.named_parameters()}
 
 
-def _bridge_parameters(model: Any) -> dict[str, tuple[str, Tensor | None]]:
+def _bridge_parameters(model: Any, keep: Callable[[str], bool]) -> dict[str, tuple[str, Tensor | None]]:
     """TransformerLens names of a ``TransformerBridge`` → (its parameter, flat index per entry).
 
-    Each parameter is filled with codes (its number, then its flat index in base-256 digits,
-    exact in every float dtype), ``tl_named_parameters()`` is read back, and θ* is restored.
-    A TL tensor that is not a re-arrangement of one parameter's entries is left out.
+    Each parameter is filled with codes (its number, then its flat index, in base-256 digits:
+    exact in every float dtype), ``tl_named_parameters()`` is read back (as uint8, and only the
+    names ``keep`` accepts), and θ* is restored. A TL tensor that is not a re-arrangement of one
+    parameter's entries is left out.
     """
     named = list(model.named_parameters())
     saved = [p.detach().clone() for _, p in named]
     digits = max(1, math.ceil(math.log(max(p.numel() for _, p in named) + 1, 256)))
+    codes_of: list[Callable[[int, Tensor], Tensor]] = [lambda i, p: torch.full_like(p, float(i % 256))]
+    if len(named) > 256:  # the parameter number needs a second digit
+        codes_of.append(lambda i, p: torch.full_like(p, float(i // 256)))
+    def digit(d: int) -> Callable[[int, Tensor], Tensor]:
+        return lambda i, p: (torch.arange(p.numel(), device=p.device) // 256 ** d % 256).reshape(p.shape).to(p.dtype)
+
+    codes_of += [digit(d) for d in range(digits)]
     reads: list[dict[str, Tensor]] = []
     try:
         with torch.no_grad():
-            for d in range(digits + 1):
+            for code in codes_of:
                 for i, (_, p) in enumerate(named):
-                    if d == 0:
-                        p.fill_(float(i % 256))
-                    else:
-                        codes = torch.arange(p.numel(), device=p.device) // 256 ** (d - 1) % 256
-                        p.copy_(codes.reshape(p.shape).to(p.dtype))
-                reads.append({k: v.detach().to(torch.float64).clone() for k, v in model.tl_named_parameters()})
-            if len(named) > 256:  # the parameter number needs a second digit
-                for i, (_, p) in enumerate(named):
-                    p.fill_(float(i // 256))
-                high = {k: v.detach().to(torch.float64).clone() for k, v in model.tl_named_parameters()}
-            else:
-                high = {k: torch.zeros_like(v) for k, v in reads[0].items()}
+                    p.copy_(code(i, p))
+                reads.append({k: v.detach().round().to(torch.uint8) for k, v in model.tl_named_parameters()
+                              if keep(k)})
     finally:
         with torch.no_grad():
             for (_, p), value in zip(named, saved):
                 p.copy_(value)
+    high = reads.pop(1) if len(named) > 256 else None
     out: dict[str, tuple[str, Tensor | None]] = {}
-    for key, code in reads[0].items():
-        which = code + 256 * high[key]
+    for key, low in reads[0].items():
+        which = low.long() + (0 if high is None else 256 * high[key].long())
         if which.numel() == 0 or not bool((which == which.reshape(-1)[0]).all()):
             continue
         number = int(which.reshape(-1)[0])
         if not 0 <= number < len(named):
             continue
-        index = sum(reads[d + 1][key] * 256.0 ** d for d in range(digits))
+        index = sum(reads[d + 1][key].long() * 256 ** d for d in range(digits))
         assert isinstance(index, Tensor)
-        if not bool((index == index.round()).all()):
-            continue
         name, p = named[number]
-        index = index.long()
         if int(index.min()) < 0 or int(index.max()) >= p.numel() or index.unique().numel() != index.numel():
             continue
         out[key] = (name, index)
     return out
 
 
-def parameter_map(model: torch.nn.Module) -> dict[str, tuple[str, Tensor | None]]:
-    """The names users select by → (the model's parameter name, flat indices shaped like the TL tensor)."""
+def parameter_map(model: torch.nn.Module, keep: Callable[[str], bool] | None = None
+                  ) -> dict[str, tuple[str, Tensor | None]]:
+    """The names users select by → (the model's parameter name, flat indices shaped like the TL
+    tensor; None for the identity), for the names ``keep`` accepts (default: all)."""
+    keep = keep or (lambda name: True)
     if hasattr(model, "tl_named_parameters"):  # TransformerBridge: its own names are the HF module tree's
-        return _bridge_parameters(model)
-    return _module_parameters(model)
+        return _bridge_parameters(model, keep)
+    return {k: v for k, v in _module_parameters(model).items() if keep(k)}
+
+
+def _all_names(model: Any) -> list[str]:
+    if hasattr(model, "tl_named_parameters"):
+        return [k for k, _ in model.tl_named_parameters()]
+    return [k for k, _ in model.named_parameters()]
 
 
 def resolve_subset(model: torch.nn.Module, subset: ParamSubset) -> list[ParamSlot]:
     """The parameter slots a subset selects; one ``ValueError`` naming what to change if none."""
-    mapping = parameter_map(model)
+    mapping = parameter_map(model, subset.selects)
     params = dict(model.named_parameters())
-    chosen = [name for name in mapping if subset.selects(name)]
+    chosen = list(mapping)
     if not chosen:
-        close = sorted({m for p in subset.patterns for m in difflib.get_close_matches(p, list(mapping), n=4,
-                                                                                       cutoff=0.5)})
-        hint = f" Close names: {close}." if close else f" Parameter names look like {list(mapping)[:4]}."
+        every = _all_names(model)
+        close = sorted({m for p in subset.patterns for m in difflib.get_close_matches(p, every, n=4, cutoff=0.5)})
+        hint = f" Close names: {close}." if close else f" Parameter names look like {every[:4]}."
         raise ValueError(f"the parameter subset {subset.describe()!r} matches no parameter of this model.{hint} "
                          "Pass names= glob patterns of TransformerLens parameter names (e.g. 'blocks.0.attn.W_Q', "
                          "'blocks.1.*', 'unembed.W_U'), a layer that exists, or omit the subset for every parameter.")
@@ -216,6 +222,7 @@ class Target(ABC):
     def prepare(self, loss: BehavioralLoss) -> None:
         """Cache ``z_θ*`` per minibatch (call at θ*); refuse non-finite outputs."""
         self.loss_fn = loss
+        self.centers = [s.read().detach().clone() for s in self.slots]  # θ* of the sampled entries
         self.reference: list[Tensor] = []
         with torch.no_grad():
             for b in range(self.n_batches):
