@@ -75,9 +75,10 @@ def tiny_bases(tiny, tiny_tokens):
     ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"],  # whole blocks: attention
     ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"],  # one MLP segment
 ], ids=["causal-attention", "mlp"])
-def test_exact_edges_equal_the_dense_jacobian(tiny, tiny_tokens, tiny_bases, nodes):
+@pytest.mark.parametrize("method", ["forward", "backward"])
+def test_exact_edges_equal_the_dense_jacobian(tiny, tiny_tokens, tiny_bases, nodes, method):
     tokens = tiny_tokens[:4]
-    graphs = collect_edges(tiny, tokens, tiny_bases, nodes, exact=True, batch_size=3, progress=False)
+    graphs = collect_edges(tiny, tokens, tiny_bases, nodes, exact=True, method=method, batch_size=3, progress=False)
     assert set(graphs) == {"interaction", "pca", "standard"}
     for name, graph in graphs.items():
         for l, (source, target) in enumerate(zip(nodes[:-1], nodes[1:])):

@@ -399,7 +399,7 @@ def interactions_config(args: argparse.Namespace) -> Any:
     from .interactions.run import InteractionsConfig
 
     try:
-        return InteractionsConfig(exact=args.exact_edges, n_probes=args.edge_probes, max_tokens=args.edge_tokens,
+        return InteractionsConfig(n_probes=args.edge_probes, max_tokens=args.edge_tokens,
                                   batch_size=args.batch_size, eps_rtol_grid=tuple(args.eps_rtol),
                                   n_modules=args.modules, ablation_tokens=args.ablation_tokens)
     except ValueError as exc:
@@ -450,20 +450,18 @@ def interactions_cmd(args: argparse.Namespace) -> int:
 
 
 def add_interaction_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("interaction graph (docs/theory.md §8)")
-    g.add_argument("--edge-tokens", type=positive_int, default=2048, metavar="N",
+    g = p.add_argument_group("interaction graph (docs/theory.md §6)")
+    g.add_argument("--edge-tokens", type=positive_int, default=1024, metavar="N",
                    help="tokens the edges are averaged over (default: %(default)s)")
-    g.add_argument("--exact-edges", action="store_true",
-                   help="exact edges: one backward pass per output position and direction, instead of probes "
-                        "(default: off)")
-    g.add_argument("--edge-probes", type=positive_int, default=4, metavar="N",
-                   help="Rademacher probes over output positions per output direction (default: %(default)s)")
+    g.add_argument("--edge-probes", type=positive_int, default=None, metavar="S",
+                   help="estimate the edges with S Rademacher probes over output positions (S x d backward passes "
+                        "per layer pair) instead of exactly (forward mode, d passes per basis and pair; default)")
     g.add_argument("--eps-rtol", type=positive_float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-6],
                    metavar="R", help="module-search scales ε, relative to the largest edge (default: 1e-1 1e-2 "
                                      "1e-3 1e-4 1e-6)")
     g.add_argument("--modules", type=positive_int, default=2, metavar="N",
                    help="modules to split the graph into (default: %(default)s)")
-    g.add_argument("--ablation-tokens", type=positive_int, default=2048, metavar="N",
+    g.add_argument("--ablation-tokens", type=positive_int, default=1024, metavar="N",
                    help="held-out tokens for the ablation curves (default: %(default)s)")
 
 

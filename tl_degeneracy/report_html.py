@@ -118,9 +118,9 @@ def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Pat
 
 
 def _interactions_html(section: dict, figures: dict[str, list[Path]]) -> str:
-    """The interaction graph: sparsity per basis, modules per ε, ablation curves (docs/theory.md §8)."""
+    """The interaction graph: sparsity per basis, modules per ε, ablation curves (docs/theory.md §6)."""
     cfg = section["config"]
-    mode = "exact" if cfg["exact"] else f"{cfg['n_probes']} probes per output direction"
+    mode = "exact" if cfg["n_probes"] is None else f"{cfg['n_probes']} probes over output positions"
     parts = ["<h2>Interaction graph</h2>",
              f"<p class='note'>Edges E<sub>ij</sub> between consecutive nodes ({len(section['nodes'])} nodes), "
              f"{section.get('edge_tokens')} tokens, {mode}; units: {html.escape(section['edge_units'])}.</p>"]

@@ -1,6 +1,6 @@
 """The interaction graph: edges between consecutive nodes' directions, their sparsity and modules.
 
-- ``collect_edges`` streams the edges ``E_ij`` (docs/theory.md §8) in several bases at once
+- ``collect_edges`` streams the edges ``E_ij`` (docs/theory.md §6) in several bases at once
   (``node_bases``: interaction basis, PCA, the model's coordinates); ``InteractionGraph`` holds them.
 - ``sparsity_table``: fractions of edges carrying 50/90/99% of ``ΣE``, Gini, Lorenz curves.
 - ``find_modules`` / ``module_sweep``: the paper's cut-cost modules (§5.2.3, eq. 35).
@@ -9,7 +9,7 @@
 Plots live in ``interactions.plots`` (matplotlib, the ``report`` extra; not imported here).
 """
 from .ablation import AblationCurve, ablation_curves, random_basis
-from .edges import EdgeAccumulator, EdgeConfig, collect_edges, graphs_from_stats, node_bases
+from .edges import EdgeAccumulator, EdgeConfig, EdgeMethod, collect_edges, graphs_from_stats, node_bases
 from .graph import InteractionGraph
 from .modules import (
     DEFAULT_BALANCE,
@@ -32,7 +32,8 @@ from .sparsity import FRACTIONS, edge_fraction, edge_fractions, gini, lorenz_cur
 
 __all__ = [
     "AblationCurve", "ablation_curves", "random_basis",
-    "EdgeAccumulator", "EdgeConfig", "collect_edges", "graphs_from_stats", "node_bases", "InteractionGraph",
+    "EdgeAccumulator", "EdgeConfig", "EdgeMethod", "collect_edges", "graphs_from_stats", "node_bases",
+    "InteractionGraph",
     "DEFAULT_BALANCE", "DEFAULT_EPS_RTOL", "Bisection", "CutEdge", "CutScale", "ModuleResult", "RandomCuts",
     "cost_graph", "cut_cost", "cut_edges", "cut_scale", "edge_costs", "find_modules", "module_sweep",
     "random_partition_costs",

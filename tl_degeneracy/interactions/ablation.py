@@ -57,12 +57,15 @@ def random_basis(layer: LayerBasis, seed: int = 0) -> LayerBasis:
                    scaling="random")
 
 
+_LOGIT_BUDGET = 2**26  # float64 logit elements per ablation forward
+
+
 def default_grid(d: int) -> list[int]:
-    """0, 1, 2, 4, ... and ``d``: the ks an ablation curve is measured at."""
+    """0, 1, 4, 16, ... and ``d``: the ks an ablation curve is measured at (one forward pass each)."""
     ks, k = [0], 1
     while k < d:
         ks.append(k)
-        k *= 2
+        k *= 4
     return ks + [d]
 
 
@@ -117,25 +120,31 @@ def ablation_curves(
     curves = []
     bar = tqdm(jobs, desc="ablation", disable=not progress, dynamic_ncols=True)
     for hook, name, layer in bar:
-        keep = torch.ones(layer.k, dtype=torch.bool, device=device)
-
-        def keep_top(f_hat: Tensor, hook: Any, keep: Tensor = keep) -> Tensor:
-            return f_hat * keep.to(f_hat.dtype)  # the mean of every f̂ coordinate is 0
-
         grid = sorted({min(k, layer.k) for k in (ks if ks is not None else default_grid(layer.k))})
-        losses, ce_up = [], []
+        # every k in one forward pass: the batch repeated once per k, each copy with its own mask
+        keep = (torch.arange(layer.k, device=device)[None, :] < torch.tensor(grid, device=device)[:, None])
+        losses, ce_up = [0.0] * len(grid), [0.0] * len(grid)
+        ce_n = 0
         with splice(model, layer, error_term=False):
-            for k in grid:
-                keep[:] = False
-                keep[:k] = True
-                mse = ce_sum = ce_n = 0.0
-                for b, (z_star, _) in zip(batches, clean):
+            for b, (z_star, _) in zip(batches, clean):
+                # ks per forward: as many copies of the batch as keep the float64 logits near 512 MB
+                per = max(1, _LOGIT_BUDGET // max(z_star.numel(), 1))
+                for g0 in range(0, len(grid), per):
+                    group = range(g0, min(g0 + per, len(grid)))
+                    rows = keep[g0:group.stop].repeat_interleave(b.shape[0], 0)  # [n_k · batch, k]
+
+                    def keep_top(f_hat: Tensor, hook: Any, rows: Tensor = rows) -> Tensor:
+                        return f_hat * rows[:, None, :].to(f_hat.dtype)  # the mean of every f̂ coordinate is 0
+
                     with model.hooks(fwd_hooks=[(f"{hook}.hook_ib", keep_top)]):
-                        z, ce = _logits_and_ce(model, b)
-                    mse += float((z - z_star).square().sum())
-                    ce_sum, ce_n = ce_sum + float(ce.sum()), ce_n + ce.numel()
-                losses.append(mse / n_points)
-                ce_up.append(ce_sum / ce_n - base_ce)
-        curves.append(AblationCurve(hook, name, grid, losses, ce_up, layer.k,
+                        z, ce = _logits_and_ce(model, b.repeat(len(group), 1))
+                    z = z.reshape(len(group), *z_star.shape)
+                    ce = ce.reshape(len(group), -1)
+                    for j, i in enumerate(group):
+                        losses[i] += float((z[j] - z_star).square().sum())
+                        ce_up[i] += float(ce[j].sum())
+                ce_n += ce.shape[1]
+        curves.append(AblationCurve(hook, name, grid, [v / n_points for v in losses],
+                                    [v / ce_n - base_ce for v in ce_up], layer.k,
                                     {"n_tokens": n_points, "clean_ce": base_ce}))
     return curves

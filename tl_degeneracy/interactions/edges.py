@@ -1,4 +1,4 @@
-"""The interaction graph's edges, streamed over data (docs/theory.md §8).
+"""The interaction graph's edges, streamed over data (docs/theory.md §6).
 
 Between consecutive nodes ``l → l+1`` (hook points with bases ``C_l``, ``C_{l+1}``), for input
 direction ``j`` and output direction ``i``:
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -34,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..accumulators import AdditiveAccumulator
-from ..batch_pass import _forward_until_hooks_fired, _ParamsRequireGrad, _probe_grads, _to_device
+from ..batch_pass import _forward_until_hooks_fired, _ParamsRequireGrad, _probe_grads, _StopForward, _to_device
 from ..config import _positive_int, describe_positions
 from ..data import TokenBatch
 from ..generations import HookedModel
@@ -42,12 +44,30 @@ from ..hook_names import HookSpec, residual_hooks, resolve_hooks
 from ..interaction_basis import InteractionBasis, LayerBasis
 from ..positions import PositionSpec, position_mask
 from ..probes import batch_generator
+from ..splice import _bridge_resid_mid_partner
 from ..stats import Stats
 from ..stream import stream
 from .graph import InteractionGraph
 
 EDGES = "edges"
 DEFAULT_CHUNK_BUDGET = 256 * 2**20
+
+
+class EdgeMethod(str, Enum):
+    """How ``a_tij`` is obtained (dispatched in ``edge_batch``; all three are tested against ``jacrev``).
+
+    - ``FORWARD`` (exact): one Jacobian-vector product per input direction ``j`` and basis, with the
+      tangent ``C⁺[:, j] f̂_j(t')`` at every input position; it yields ``a_tij`` for every output
+      direction and position at once. ``k_in × bases`` passes per layer pair: the default exact mode.
+    - ``BACKWARD`` (exact): one vector-Jacobian product per output position and output coordinate
+      (``T × d_out`` passes, shared by every basis) — the reference implementation's loop, batched.
+    - ``PROBES`` (unbiased estimate): Rademacher signs over output positions, one VJP per probe and
+      output coordinate (``n_probes × d_out`` passes, shared by every basis).
+    """
+
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    PROBES = "probes"
 
 
 class EdgeAccumulator(AdditiveAccumulator):
@@ -78,6 +98,7 @@ class EdgeConfig:
     nodes: tuple[str, ...]
     bases: tuple[tuple[str, tuple[LayerBasis, ...]], ...]
     exact: bool = False
+    method: EdgeMethod = EdgeMethod.PROBES
     n_probes: int = 4
     seed: int = 0
     positions: Any = None
@@ -89,7 +110,8 @@ class EdgeConfig:
     def build(cls, model: HookedModel, bases: Mapping[str, InteractionBasis | Sequence[LayerBasis]],
               nodes: HookSpec = None, *, exact: bool = False, n_probes: int | None = None, seed: int = 0,
               positions: PositionSpec | Mapping[str, PositionSpec] = None, batch_size: int = 8,
-              context: int | None = None, chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET) -> EdgeConfig:
+              context: int | None = None, chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET,
+              method: EdgeMethod | str | None = None) -> EdgeConfig:
         names = residual_hooks(model) if nodes is None else resolve_hooks(model, nodes)
         if len(names) < 2:
             raise ValueError(f"an interaction graph needs at least two nodes, got {names}; pass nodes= in forward "
@@ -122,8 +144,15 @@ class EdgeConfig:
             unknown = [h for h in positions if h not in names]
             if unknown:
                 raise ValueError(f"positions name hooks {unknown} that are not nodes {names}")
-        return cls(tuple(names), tuple(per_basis), bool(exact), probes, int(seed), positions, batch_size, context,
-                   chunk_budget_bytes)
+        try:
+            how = EdgeMethod(method) if method is not None else (EdgeMethod.FORWARD if exact else EdgeMethod.PROBES)
+        except ValueError:
+            raise ValueError(f"method must be one of {[m.value for m in EdgeMethod]}, got {method!r}") from None
+        if (how is EdgeMethod.PROBES) == bool(exact):
+            raise ValueError(f"method={how.value!r} is {'an estimate' if exact else 'exact'}: pass exact="
+                             f"{not exact} with it, or leave method unset")
+        return cls(tuple(names), tuple(per_basis), bool(exact), how, probes, int(seed), positions, batch_size,
+                   context, chunk_budget_bytes)
 
     def positions_of(self, hook: str) -> PositionSpec:
         if isinstance(self.positions, Mapping):
@@ -141,7 +170,8 @@ class EdgeConfig:
             "pass": "interaction_edges", "nodes": list(self.nodes),
             "bases": {name: {l.hook: {"fingerprint": l.fingerprint(), "k": l.k, "scaling": l.scaling}
                              for l in layers} for name, layers in self.bases},
-            "mode": "exact" if self.exact else "probes", "n_probes": None if self.exact else self.n_probes,
+            "mode": "exact" if self.exact else "probes", "method": self.method.value,
+            "n_probes": None if self.exact else self.n_probes,
             "probe": None if self.exact else "rademacher over output positions",
             "seed": self.seed, "positions": positions, "batch_size": self.batch_size, "context": self.context,
         }
@@ -165,7 +195,7 @@ def _chunk_size(config: EdgeConfig, f_in: Tensor, width: int) -> int:
     return int(max(1, min(width, budget // max(per, 1))))
 
 
-def _pair_contributions(f_out: Tensor, f_in: Tensor, out_layers: list[LayerBasis], in_layers: list[LayerBasis],
+def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[LayerBasis], in_layers: list[LayerBasis],
                         out_mask: Tensor, in_mask: Tensor, config: EdgeConfig, batch_index: int,
                         pair_index: int) -> list[EdgeAccumulator]:
     """``Σ_x Σ_t a²`` for one layer pair in every basis, from the live graph between ``f_in`` and ``f_out``.
@@ -185,7 +215,7 @@ def _pair_contributions(f_out: Tensor, f_in: Tensor, out_layers: list[LayerBasis
     C_outs = [layer.C.to(device=f_out.device, dtype=f64) for layer in out_layers]
     E = [torch.zeros(C.shape[0], P.shape[1], dtype=f64, device=f_in.device) for C, (P, _) in zip(C_outs, pulls)]
     # what the cotangent looks like along the positions: one output position (exact) or Rademacher signs
-    if config.exact:
+    if config.method is EdgeMethod.BACKWARD:
         outer = [(1.0, t) for t in torch.nonzero(out_mask.any(0)).flatten().tolist()]
         signs = None
     else:
@@ -230,6 +260,60 @@ def _pair_contributions(f_out: Tensor, f_in: Tensor, out_layers: list[LayerBasis
     return [EdgeAccumulator({"E": e, "n": n.clone()}) for e in E]
 
 
+def _pair_contributions_forward(model: HookedModel, tokens: Tensor, kwargs: dict[str, Any], source: str,
+                                target: str, f_in: Tensor, out_layers: list[LayerBasis], in_layers: list[LayerBasis],
+                                out_mask: Tensor, in_mask: Tensor, config: EdgeConfig) -> list[EdgeAccumulator]:
+    """Exact ``Σ_x Σ_t a²`` by forward mode: ``a_tij`` for all ``i, t`` is the change of ``f̂_out(t)`` along
+    the tangent ``δf_in(t') = C_in⁺[:, j] f̂_in_j(t')`` (every input position at once)."""
+    from torch.func import jvp, vmap
+
+    f64 = torch.float64
+    partner = _bridge_resid_mid_partner(model, source)  # the bridge's resid_mid skip path (see splice.py)
+    base = f_in.detach()
+
+    def segment(x: Tensor) -> Tensor:
+        got: dict[str, Tensor] = {}
+
+        def replace(act: Tensor, hook: Any) -> Tensor:
+            got["delta"] = x - act
+            return x
+
+        def capture(act: Tensor, hook: Any) -> Tensor:
+            got["y"] = act
+            raise _StopForward
+
+        hooks: list[tuple[str, Any]] = [(source, replace), (target, capture)]
+        if partner is not None:
+            hooks.insert(1, (partner, lambda act, hook: act + got["delta"]))
+        try:
+            with model.hooks(fwd_hooks=hooks):
+                model(tokens, **kwargs)
+        except _StopForward:
+            pass
+        return got["y"]
+
+    def tangent_out(t: Tensor) -> Tensor:
+        return jvp(segment, (base,), (t,))[1]
+
+    out_w = out_mask.to(f64)
+    n = out_mask.sum().to(torch.int64).reshape(())
+    accs = []
+    for out_layer, in_layer in zip(out_layers, in_layers):
+        P = in_layer.C_pinv.to(device=base.device, dtype=f64)
+        f_hat = in_layer.transform(base.to(f64)) * in_mask.to(f64)[..., None]  # padding attributes nothing
+        C_out = out_layer.C.to(device=base.device, dtype=f64)
+        E = torch.zeros(C_out.shape[0], P.shape[1], dtype=f64, device=base.device)
+        size = _chunk_size(config, base, P.shape[1])
+        for start in range(0, P.shape[1], size):
+            cols = slice(start, start + size)
+            tangents = torch.einsum("dj,btj->jbtd", P[:, cols], f_hat[..., cols]).to(base.dtype)
+            dy = vmap(tangent_out)(tangents).to(f64)  # [c, B, T, d_out]
+            a = torch.einsum("ia,jbta->jbti", C_out, dy)
+            E[:, cols] = torch.einsum("jbti,bt->ij", a.square(), out_w)
+        accs.append(EdgeAccumulator({"E": E, "n": n.clone()}))
+    return accs
+
+
 def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
                batch_index: int) -> dict[tuple[str, str], AdditiveAccumulator]:
     """One batch's contribution to every edge matrix of every basis."""
@@ -251,7 +335,12 @@ def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
         return hook
 
     out: dict[tuple[str, str], AdditiveAccumulator] = {}
-    with torch.enable_grad(), _ParamsRequireGrad(model):
+    with ExitStack() as stack:
+        if config.method is EdgeMethod.FORWARD:  # forward mode re-runs each segment: no graph needed here
+            stack.enter_context(torch.no_grad())
+        else:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(_ParamsRequireGrad(model))
         _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in config.nodes], stop_early=True)
         masks = {h: position_mask(config.positions_of(h), B, T, attention_mask, device=device) for h in config.nodes}
         in_mask = position_mask(None, B, T, attention_mask, device=device)
@@ -264,9 +353,13 @@ def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
                 if layers[l].d != f_in.shape[-1] or layers[l + 1].d != f_out.shape[-1]:
                     raise ValueError(f"basis {name!r} at {source!r}/{target!r} has d={layers[l].d}/{layers[l + 1].d}, "
                                      f"the activations {f_in.shape[-1]}/{f_out.shape[-1]}: fitted on another model?")
-            accs = _pair_contributions(f_out, f_in, [layers[l + 1] for _, layers in config.bases],
-                                       [layers[l] for _, layers in config.bases], masks[target], in_mask, config,
-                                       batch_index, l)
+            outs, ins = [layers[l + 1] for _, layers in config.bases], [layers[l] for _, layers in config.bases]
+            if config.method is EdgeMethod.FORWARD:
+                accs = _pair_contributions_forward(model, tokens, kwargs, source, target, f_in, outs, ins,
+                                                   masks[target], in_mask, config)
+            else:
+                accs = _pair_contributions_backward(f_out, f_in, outs, ins, masks[target], in_mask, config,
+                                                    batch_index, l)
             if not all(bool(torch.isfinite(acc.tensors["E"]).all()) for acc in accs):
                 from ..batch_pass import NonFiniteError
 
@@ -303,6 +396,7 @@ def collect_edges(
     positions: PositionSpec | Mapping[str, PositionSpec] = None,
     batch_size: int = 8,
     context: int | None = None,
+    method: EdgeMethod | str | None = None,
     config: EdgeConfig | None = None,
     max_tokens: int | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -316,13 +410,14 @@ def collect_edges(
 
     ``bases``: e.g. ``{"interaction": ib, "pca": pca, "standard": standard}`` (``node_bases``
     fits all three from one ``Stats``). ``nodes``: hook points in forward order (default the
-    residual stream, ``residual_hooks(model)``). ``exact=True`` loops over output positions;
-    otherwise ``n_probes`` (default 4) Rademacher probes over positions give an unbiased
-    estimate. Checkpointing, resume and ``torch.distributed`` behave as in ``collect``.
+    residual stream, ``residual_hooks(model)``). ``exact=True`` is exact (forward mode, one pass
+    per input direction; ``method="backward"`` loops over output positions instead); otherwise
+    ``n_probes`` (default 4) Rademacher probes over positions give an unbiased estimate.
+    Checkpointing, resume and ``torch.distributed`` behave as in ``collect``.
     """
     if config is None:
         config = EdgeConfig.build(model, bases, nodes, exact=exact, n_probes=n_probes, seed=seed,
-                                  positions=positions, batch_size=batch_size, context=context)
+                                  positions=positions, batch_size=batch_size, context=context, method=method)
     stats = stream(model, data, config, max_tokens=max_tokens, checkpoint=checkpoint, resume=resume,
                    checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, progress=progress,
                    distributed=distributed, desc="edges")

@@ -2,7 +2,7 @@
 
 A *node* is a hook point with a basis (interaction basis, PCA or the model's own
 coordinates); its *directions* are the vertices. ``edges[l]`` holds
-``E_ij`` (docs/theory.md §8) from direction ``j`` of node ``l`` to direction ``i`` of node
+``E_ij`` (docs/theory.md §6) from direction ``j`` of node ``l`` to direction ``i`` of node
 ``l + 1``: shape ``[k_{l+1}, k_l]``, float64, in units of the behavioural loss when the
 basis carries the interaction basis's ``Λ^{1/2}`` scaling.
 """

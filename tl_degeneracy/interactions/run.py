@@ -42,19 +42,20 @@ class InteractionsConfig:
     """
 
     nodes: tuple[str, ...] | None = None  # default: the residual stream nodes the analysis fitted bases at
-    exact: bool = False
-    n_probes: int = 4
-    max_tokens: int = 2048
+    n_probes: int | None = None  # None: exact edges (forward mode); else Rademacher probes over positions
+    max_tokens: int = 1024
     batch_size: int = 8
     eps_rtol_grid: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6)
     n_modules: int = 2
     balance: float = DEFAULT_BALANCE
-    ablation_tokens: int = 2048
+    ablation_tokens: int = 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_probes", "max_tokens", "batch_size", "n_modules", "ablation_tokens"):
             value = getattr(self, name)
+            if name == "n_probes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.eps_rtol_grid or not all(0 < e for e in self.eps_rtol_grid):
@@ -139,8 +140,8 @@ def interactions_analysis(model: HookedModel, data: Any, out: str | Path, config
     context = stats.run.config.get("context")
     start = time.time()
     checkpoint = out / CHECKPOINT_FILE
-    graphs = collect_edges(model, data, bases, nodes, exact=config.exact,
-                           n_probes=None if config.exact else config.n_probes, seed=config.seed,
+    graphs = collect_edges(model, data, bases, nodes, exact=config.n_probes is None, n_probes=config.n_probes,
+                           seed=config.seed,
                            batch_size=config.batch_size, context=context, max_tokens=config.max_tokens,
                            checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every,
                            checkpoint_seconds=checkpoint_seconds, progress=progress)
