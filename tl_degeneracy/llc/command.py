@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     finished = False
     try:
         data = load_text_dataset(args.dataset)
-        model = load_model_for_cli(args.model, DTYPES[args.dtype], args.device)
+        model: Any = load_model_for_cli(args.model, DTYPES[args.dtype], args.device)
         n_ctx = int(model.cfg.n_ctx)
         context = args.context or min(128, n_ctx)
         if context > n_ctx:
