@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens = random_tokens(B, T, cfg["d_vocab"], seed=args.seed)
     source, target = f"blocks.{args.layer}.hook_resid_pre", f"blocks.{args.layer + 1}.hook_resid_pre"
     eye = torch.eye(d, dtype=torch.float64)
-    layers = [fit_layer(h, eye, None, torch.zeros(d, dtype=torch.float64), scaling="identity") for h in (source, target)]
+    zero = torch.zeros(d, dtype=torch.float64)
+    layers = [fit_layer(h, eye, None, zero, scaling="identity") for h in (source, target)]
     mask = torch.ones(B, T, dtype=torch.bool)
 
     def config(method: str, n_probes: int | None = None) -> EdgeConfig:

