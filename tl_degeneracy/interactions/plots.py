@@ -190,13 +190,19 @@ def plot_ablation(curves: list[dict[str, Any]], path: Path) -> Path:
             if values and min(values) > 0:
                 ax.set_yscale("log")
             elif values and max(abs(v) for v in values) > 0:
-                ax.set_yscale("symlog", linthresh=max(min(abs(v) for v in values if v != 0), 1e-12))
+                # linear within 1e-4 of the largest |value|: rounding-level dips below 0 stay readable
+                ax.set_yscale("symlog", linthresh=max(1e-4 * max(abs(v) for v in values), 1e-12))
             if not values:
                 _note(ax, "no values")
             else:
                 ax.legend(fontsize=6)
-            if ks and min(ks) > 0 and max(ks) / min(ks) >= 16:  # a geometric k grid reads better on log x
-                ax.set_xscale("log", base=2)
+            positive = [k for k in ks if k > 0]
+            if positive and max(positive) / min(positive) >= 16:  # a geometric k grid reads better on log x
+                if min(ks) <= 0:
+                    ax.set_xscale("symlog", base=2, linthresh=1)
+                    ax.set_xlim(left=-0.2)
+                else:
+                    ax.set_xscale("log", base=2)
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{hook}: {label}", fontsize=8)
