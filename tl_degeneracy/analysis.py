@@ -100,6 +100,7 @@ class AnalysisReport:
     format: str = REPORT_FORMAT
     notes: list[str] = field(default_factory=list)
     interactions: dict[str, Any] | None = None  # interactions.run: edges' sparsity, modules, ablation curves
+    llc: dict[str, Any] | None = None  # llc.run: sampled N_eff(ε) per part beside the K-FAC count at γε
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +113,7 @@ class AnalysisReport:
             "synchronized_neurons": None if self.synchronized_neurons is None else self.synchronized_neurons.to_dict(),
             "notes": self.notes,
             "interactions": self.interactions,
+            "llc": self.llc,
         }
 
     @classmethod
@@ -127,6 +129,7 @@ class AnalysisReport:
             synchronized_heads=None if heads is None else SynchronizedHeads.from_dict(heads),
             synchronized_neurons=None if neurons is None else SynchronizedNeurons.from_dict(neurons),
             format=data["format"], notes=data.get("notes", []), interactions=data.get("interactions"),
+            llc=data.get("llc"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -247,4 +250,8 @@ def render(out: str | Path) -> Path:
 
         if (out / EDGES_FILE).is_file():
             figures.update(interaction_figures(out, report.interactions))
+    if report.llc is not None:
+        from .llc.run import llc_figures
+
+        figures.update(llc_figures(out, report.llc))
     return write_html(report, figures, out / "report.html")

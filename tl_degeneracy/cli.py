@@ -334,6 +334,7 @@ def analyze(args: argparse.Namespace) -> int:
     options = dict(hooks=args.hooks, max_tokens=args.tokens, batch_size=args.batch_size, context=args.context,
                    n_probes=args.probes, rtol=args.rtol)
     interactions = interactions_config(args) if args.interactions else None
+    llc = llc_config(args)
     try:
         AnalysisConfig(hooks=None if args.hooks is None else tuple(args.hooks), max_tokens=args.tokens,
                        batch_size=args.batch_size, context=args.context, n_probes=args.probes, rtol=args.rtol)
@@ -370,6 +371,8 @@ def analyze(args: argparse.Namespace) -> int:
                 run_interactions(model, data, out, interactions, resume=args.resume,
                                  keep_checkpoint=args.keep_checkpoint)
                 report = load_report(out)
+            if llc is not None:
+                run_llc(model, data, out, llc)
         except UnknownHookError as exc:
             fail(unknown_hook_message(exc, args.model))
         except (CheckpointMismatchError, EmptyDataError, HubUnavailableError, NonFiniteError, ValueError) as exc:
@@ -390,9 +393,30 @@ def analyze(args: argparse.Namespace) -> int:
     print_summary(report)
     kept = ", checkpoint.safetensors" if args.keep_checkpoint else ""
     extra = ", interactions.safetensors" if interactions is not None else ""
+    extra += ", llc.json" if llc is not None else ""
     print(f"\nwrote {out}/: stats.safetensors, basis.safetensors, pca_basis.safetensors{extra}, report.json, plots/, "
           f"report.html{kept}")
     return 0
+
+
+def llc_config(args: argparse.Namespace) -> Any:
+    from .llc.run import config_from_args
+
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        fail(f"--llc: {paragraph(exc)}")
+
+
+def run_llc(model: Any, data: Any, out: Path, config: Any) -> None:
+    """N_eff(ε) by SGLD for the analysis in ``out`` (docs/llc.md), then the report re-rendered."""
+    from .analysis import render
+    from .llc.run import llc_analysis, summary_lines
+
+    section = llc_analysis(model, data, out, config)
+    render(out)
+    print()
+    print("\n".join(summary_lines(section)))
 
 
 def interactions_config(args: argparse.Namespace) -> Any:
@@ -619,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compute the interaction graph: edges in the interaction basis, PCA and the model's "
                         "coordinates, their sparsity, modules and ablation curves (default: off)")
     add_interaction_options(a)
+    from .llc.run import add_analyze_options  # --llc EPS...: N_eff(ε) by SGLD (docs/llc.md)
+
+    add_analyze_options(a)
     a.set_defaults(func=analyze)
 
     i = sub.add_parser("interactions", help="the interaction graph of a finished analysis folder",

@@ -112,6 +112,8 @@ def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Pat
         parts.append(_table(["layer", "d_mlp", "dead", "blocks (>1 neuron)", "Σ s_a² − d", "added freedoms"], rows))
     if report.interactions is not None:
         parts.append(_interactions_html(report.interactions, figures))
+    if report.llc is not None:
+        parts.append(_llc_html(report.llc, figures))
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
@@ -145,4 +147,22 @@ def _interactions_html(section: dict, figures: dict[str, list[Path]]) -> str:
                  f"their mean; behavioural loss and cross-entropy increase on {ab['tokens']} tokens "
                  f"({html.escape(ab['text'])}).</p>")
     parts.append("".join(_img(p) for p in figures.get("ablation", [])))
+    return "\n".join(parts)
+
+
+def _llc_html(section: dict, figures: dict[str, list[Path]]) -> str:
+    """Sampled N_eff(ε) per part beside the K-FAC count at the same cut-off γε (docs/llc.md)."""
+    from .llc.run import TABLE_HEADER, table_rows
+
+    cfg = section["config"]
+    parts = ["<h2>Effective parameter count (SGLD)</h2>",
+             f"<p class='note'>N<sub>eff</sub>(ε) = 2λ̂(ε) = 2t·E<sub>t</sub>[L<sub>B</sub>] at t = 1/ε, sampled by "
+             f"SGLD from p<sub>t</sub>(θ) ∝ exp(−t·L<sub>B</sub>(θ) − γ/2‖θ − θ*‖²) with γ = {cfg['gamma']:g} over "
+             f"each part (the rest held at θ*): {cfg['n_chains']} chains × {cfg['n_draws']} draws after "
+             f"{cfg['burn_in']} burn-in steps, {section['tokens']} tokens, {section['seconds']} s. "
+             f"Per layer at ε = {cfg['layer_eps']:g}. Chains that diverged or drifted are flagged and left out.</p>",
+             _table(TABLE_HEADER, table_rows(section))]
+    parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in section.get("notes", []))
+                 + "</ul>")
+    parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("llc", [])) + "</div>")
     return "\n".join(parts)
