@@ -13,12 +13,14 @@ import argparse
 import time
 from pathlib import Path
 
+import networkx as nx
 import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.interactions import (
     ablation_curves,
     collect_edges,
+    cost_graph,
     find_modules,
     node_bases,
     random_partition_costs,
@@ -27,6 +29,7 @@ from tl_degeneracy.interactions import (
 from tl_degeneracy.testing import MODADD_P, modadd_dataset, modadd_model
 
 NODES = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"]
+KS = [0, 1, 2, 4, 8, 16, 32, 64, 128]
 POSITIONS = {"blocks.0.hook_resid_mid": [-1], "blocks.0.hook_resid_post": [-1]}
 
 
@@ -50,7 +53,7 @@ def main() -> None:
     edged = time.time()
     answers = (test[:, 0] + test[:, 1]) % MODADD_P
     curves = ablation_curves(model, test, bases, NODES, batch_size=500, labels=answers, positions=[-1],
-                             ks=[0, 1, 2, 4, 8, 16, 32, 64, 128], progress=False)
+                             ks=KS, progress=False)
     done = time.time()
 
     lines = [
@@ -75,26 +78,32 @@ def main() -> None:
     lines += ["\n## Modules\n",
               "Best balanced bisection (β = 0.2) by the eq. 35 cut cost at ε relative to the largest edge, "
               "against 200 random partitions of the same sizes.\n",
-              "| basis | ε / max E | ε | module sizes | cut cost | edges cut | random: mean (min) |",
-              "|---|---|---|---|---|---|---|"]
+              "| basis | ε / max E | ε | edges > ε | components (> 1 vertex) | module sizes | cut cost | edges cut "
+              "| random: mean (min) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, graph in graphs.items():
         for rtol in (1e-2, 1e-4, 1e-6):
             result = find_modules(graph, eps_rtol=rtol)
             rand = random_partition_costs(graph, result.eps, result.module_sizes, n=200)
-            lines.append(f"| {name} | {rtol:.0e} | {result.eps:.3g} | {result.module_sizes} | "
-                         f"{result.cut_cost:.4g} | {len(result.cut)} | {float(rand.costs.mean()):.4g} "
-                         f"({float(rand.costs.min()):.4g}) |")
+            parts = [c for c in nx.connected_components(cost_graph(graph, result.eps)) if len(c) > 1]
+            sizes = sorted((len(c) for c in parts), reverse=True)
+            lines.append(f"| {name} | {rtol:.0e} | {result.eps:.3g} | {result.n_positive_edges} | {len(parts)} "
+                         f"({', '.join(map(str, sizes[:8]))}{', …' if len(sizes) > 8 else ''}) | "
+                         f"{result.module_sizes} | {result.cut_cost:.4g} | {len(result.cut)} | "
+                         f"{float(rand.costs.mean()):.4g} ({float(rand.costs.min()):.4g}) |")
     lines += ["\n## Ablation curves\n",
               f"Keep the top-k directions of one node, set the rest to their mean; {len(test)} held-out test "
               "pairs. Behavioural loss: MSE of the last-position logits (summed over the 114 outputs); "
               "ΔCE: increase in the cross-entropy of the answer (clean CE "
               f"{curves[0].meta['clean_ce']:.3g} nats).\n",
-              "| node | basis | " + " | ".join(f"k={k}" for k in curves[0].k) + " |",
-              "|---|---|" + "---|" * len(curves[0].k)]
+              "| node | basis | " + " | ".join(f"k={k}" for k in KS[:-1]) + " | all kept (k) |",
+              "|---|---|" + "---|" * len(KS)]
     for c in curves:
-        lines.append(f"| `{c.hook.split('.')[-1]}` | {c.basis} | "
-                     + " | ".join(f"{v:.3g} / {d:+.2f}" for v, d in zip(c.behavioral_loss, c.ce_increase)) + " |")
-    lines.append("\nEach cell: behavioural loss / ΔCE (nats).")
+        cell = {k: f"{v:.3g} / {d:+.2f}" for k, v, d in zip(c.k, c.behavioral_loss, c.ce_increase)}
+        row = [cell[k] if k < c.n_directions else "–" for k in KS[:-1]] + [f"{cell[c.n_directions]} ({c.n_directions})"]
+        lines.append(f"| `{c.hook.split('.')[-1]}` | {c.basis} | " + " | ".join(row) + " |")
+    lines.append("\nEach cell: behavioural loss / ΔCE (nats). A basis has as many directions as its threshold "
+                 "keeps (the last column); \"–\": k beyond that.")
     if args.plots:
         from tl_degeneracy.interactions import plots
 

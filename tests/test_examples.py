@@ -80,6 +80,7 @@ def runs(tmp_path_factory):
                     ["--model", "default", *REDUCED, "--eval-tokens", "512"], work),
         "heads": Run("detect_synchronized_heads.py", ["--model", "gpt2", *REDUCED], work, offline_hub=True),
         "modadd": Run("modadd_interaction_basis.py", ["--n", "200", "--out", str(work / "modadd.md")], work),
+        "modadd_ix": Run("modadd_interactions.py", ["--n", "100", "--out", str(work / "modadd_ix.md")], work),
     }
     yield {"work": work, **started}
     for run in started.values():
@@ -172,3 +173,12 @@ def test_modadd_interaction_basis(runs):
     for hook in ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"):
         assert hook in table, table
 
+
+
+def test_modadd_interactions(runs):
+    runs["modadd_ix"].result()
+    text = (runs["work"] / "modadd_ix.md").read_text()
+    for section in ("## Sparsity", "## Modules", "## Ablation curves"):
+        assert section in text, text
+    for basis in ("interaction", "pca", "standard"):
+        assert f"| {basis} |" in text
