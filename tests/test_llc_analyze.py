@@ -16,7 +16,8 @@ from tl_degeneracy.llc.run import LLC_FILE, LLCAnalysisConfig, table_rows
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("llc") / "run"
     code = main(["analyze", "--tokens", "256", "--context", "32", "--batch-size", "4", "--llc", "1e-2", "1e-3",
-                 "--llc-chains", "2", "--llc-draws", "4", "--llc-burn-in", "2", "--llc-tokens", "32", "--out", str(out)])
+                 "--llc-chains", "2", "--llc-draws", "4", "--llc-burn-in", "2", "--llc-tokens", "32",
+                 "--llc-step-size", "1e-9", "--out", str(out)])
     assert code == 0
     return out
 
@@ -60,6 +61,7 @@ def test_render_shows_the_section_and_non_blank_plots(run_dir):
 @pytest.mark.parametrize("argv, phrase", [
     (["--llc", "0"], "--llc"), (["--llc", "-1e-3"], "--llc"), (["--llc", "nan"], "--llc"), (["--llc"], "--llc"),
     (["--llc", "1e-3", "--llc-draws", "0"], "--llc-draws"), (["--llc", "1e-3", "--llc-gamma", "0"], "--llc-gamma"),
+    (["--llc", "1e-3", "--llc-step-size", "-1"], "--llc-step-size"),
 ])
 def test_bad_llc_values_exit_2_with_one_paragraph(tmp_path, capsys, monkeypatch, argv, phrase):
     monkeypatch.chdir(tmp_path)

@@ -62,6 +62,7 @@ class LLCAnalysisConfig:
     max_tokens: int = 128
     layers: bool = True  # also every layer (ParamSubset(layer=l)) at the middle ε
     seed: int = 0
+    step_size: float | None = None  # None: chosen per part and ε (pilot chain + curvature, docs/llc.md §2)
 
     def __post_init__(self) -> None:
         eps = (self.eps,) if isinstance(self.eps, (int, float)) else tuple(self.eps)
@@ -72,7 +73,8 @@ class LLCAnalysisConfig:
 
     def llc_config(self, eps: Sequence[float] | None = None) -> LLCConfig:
         return LLCConfig(eps=list(self.eps if eps is None else eps), gamma=self.gamma, n_chains=self.n_chains,
-                         n_draws=self.n_draws, burn_in=self.burn_in, seed=self.seed)
+                         n_draws=self.n_draws, burn_in=self.burn_in, seed=self.seed,
+                         step_size=self.step_size)
 
     @property
     def layer_eps(self) -> float:
@@ -81,7 +83,7 @@ class LLCAnalysisConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"eps": list(self.eps), "gamma": self.gamma, "n_chains": self.n_chains, "n_draws": self.n_draws,
                 "burn_in": self.burn_in, "max_tokens": self.max_tokens, "layers": self.layers, "seed": self.seed,
-                "layer_eps": self.layer_eps}
+                "step_size": self.step_size, "layer_eps": self.layer_eps}
 
 
 def tl_name(w: WeightMatrix) -> str:
@@ -160,8 +162,10 @@ def llc_analysis(model: HookedModel, data: Any, out: str | Path, config: LLCAnal
     start = time.time()
     kfac = KfacSpectra(model, stats)
 
+    tokens = _first_tokens(data, model, config.max_tokens, context)  # read (and tokenised) once for every part
+
     def sample(eps: Sequence[float], subset: ParamSubset | None) -> NeffResult:
-        return estimate_neff(model, data, config=config.llc_config(eps), params=subset, max_tokens=config.max_tokens,
+        return estimate_neff(model, tokens, config=config.llc_config(eps), params=subset, max_tokens=config.max_tokens,
                              context=context, progress=progress)
 
     results: dict[str, NeffResult] = {WHOLE: sample(config.eps, None)}
@@ -176,6 +180,25 @@ def llc_analysis(model: HookedModel, data: Any, out: str | Path, config: LLCAnal
     report.llc = section
     report.save(out / "report.json")
     return section
+
+
+def _first_tokens(data: Any, model: HookedModel, max_tokens: int, context: int | None) -> torch.Tensor:
+    """The first whole (unpadded) rows of ``data`` holding ``max_tokens`` tokens (at least one row)."""
+    from ..data import iter_batches
+
+    rows: list[torch.Tensor] = []
+    seen = 0
+    for batch in iter_batches(data, model, 8, context):
+        if batch.attention_mask is not None and not bool(batch.attention_mask.all()):
+            continue
+        for row in batch.tokens:
+            if rows and seen + row.numel() > max_tokens:
+                return torch.stack(rows)
+            rows.append(row)
+            seen += row.numel()
+    if not rows:
+        raise ValueError("the data holds no whole row of tokens to sample the behavioural loss on")
+    return torch.stack(rows)
 
 
 # -- reading the section back -------------------------------------------------------------------
@@ -267,6 +290,9 @@ def add_analyze_options(p: Any) -> None:
                    help="SGLD steps per chain discarded before the draws (default: %(default)s)")
     g.add_argument("--llc-tokens", type=positive_int, default=128, metavar="N",
                    help="tokens of the behavioural loss each SGLD step runs on (default: %(default)s)")
+    g.add_argument("--llc-step-size", type=positive_float, default=None, metavar="ETA",
+                   help="SGLD step η for every part and ε (default: chosen per part and ε from the curvature at θ* "
+                        "and along a pilot chain, which costs about 60 steps and 24 Hessian-vector products)")
     g.add_argument("--llc-no-layers", action="store_true",
                    help="sample the whole model only, not also each layer at the middle ε (default: off)")
 
@@ -277,7 +303,7 @@ def config_from_args(args: Any) -> LLCAnalysisConfig | None:
         return None
     return LLCAnalysisConfig(eps=tuple(args.llc), gamma=args.llc_gamma, n_chains=args.llc_chains,
                              n_draws=max(4, args.llc_draws), burn_in=args.llc_burn_in, max_tokens=args.llc_tokens,
-                             layers=not args.llc_no_layers)
+                             layers=not args.llc_no_layers, step_size=args.llc_step_size)
 
 
 def summary_lines(section: dict[str, Any]) -> list[str]:
