@@ -175,8 +175,9 @@ def _gradient(target: Target, params: list[torch.nn.Parameter], batch: int) -> t
 def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.Generator) -> None:
     """One Langevin update of every slot, in place (see the module docstring).
 
-    Written as ``θ' = (1 − ηγ/2) θ + (ηγ/2) θ* − (ηt/2) g + noise``: whole parameters are
-    updated with ``torch._foreach_*`` kernels, no temporaries (an SGD step is one such pass).
+    Written as ``θ' = lerp(θ, θ*, ηγ/2) − (ηt/2) g + noise``: whole parameters are updated with
+    ``torch._foreach_*`` kernels, no temporaries: three passes for Euler, four for
+    Leimkuhler–Matthews (an SGD step is one such pass), plus one Gaussian draw per parameter.
     """
     eta, t, gamma = chain.step_size, chain.t, chain.gamma
     root = math.sqrt(eta)
@@ -191,8 +192,8 @@ def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.G
     with torch.no_grad():
         if whole:
             xs = [slots.target.slots[i].param.view(-1) for i in whole]
-            torch._foreach_mul_(xs, 1 - eta * gamma / 2)
-            torch._foreach_add_(xs, [slots.centers[i] for i in whole], alpha=eta * gamma / 2)
+            # (1 − ηγ/2) θ + (ηγ/2) θ* in one pass over the parameters (was a mul and an add)
+            torch._foreach_lerp_(xs, [slots.centers[i] for i in whole], eta * gamma / 2)
             torch._foreach_add_(xs, [grads[i].reshape(-1) for i in whole], alpha=-eta * t / 2)
             if lm:
                 assert chain.noise is not None
