@@ -138,6 +138,17 @@ def test_a_whole_analysis_passes_the_checks(tmp_path):
         kl = collect(model, tokens[:4], tld.degeneracy_hooks(model), jacobians=JacobianConfig(n_probes=1, loss="kl"),
                      progress=False)
         assert tld.degeneracy_report(model, kl).behavioral_loss == "kl"
+        # the interaction graph: edges (all three methods), sparsity, modules, ablation
+        from tl_degeneracy.interactions import (ablation_curves, collect_edges, find_modules, lorenz_curve,
+                                                node_bases, sparsity_table)
+
+        nodes = hooks[:2]
+        bases = node_bases(stats, nodes)
+        for kw in ({"exact": True}, {"exact": True, "method": "backward"}, {"n_probes": 2}):
+            graphs = collect_edges(model, tokens[:4], bases, nodes, batch_size=2, progress=False, **kw)
+        sparsity_table(graphs["pca"]); lorenz_curve(graphs["pca"].edges[0])
+        find_modules(graphs["interaction"], eps_rtol=1e-3)
+        ablation_curves(model, tokens[:4], bases, nodes[:1], progress=False)
         # Stats algebra and disk
         halves = [collect(model, t, hooks[:1], progress=False) for t in (tokens[:5], tokens[5:])]
         both = halves[0] + halves[1]

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +36,7 @@ from .stats import Progress, RunRecord, Stats
 __all__ = ["StreamPlan", "stream", "Terminated", "sigterm_as_interrupt", "run_record"]
 
 
+@runtime_checkable
 class StreamPlan(Protocol):
     """What one pass over the data accumulates. ``to_dict()`` is its identity (checkpoint, report)."""
 
