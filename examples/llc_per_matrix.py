@@ -59,7 +59,10 @@ def main() -> None:
         soft = float((prod / (prod + cut)).sum())
         rank = int((prod > 1e-8 * float(prod.max())).sum())
         relax = relax_steps({"step_size": s.step_size}, args.gamma)
-        lines.append(f"| `{label}` | {result.n_params} | {s.n_eff:.1f} ± {s.standard_error:.1f} | "
+        drifted = [c.n_eff for c in s.chains if c.status == "drifted"]
+        value = (f"{s.n_eff:.1f} ± {s.standard_error:.1f}" if s.kept else
+                 f"– (drifted; ≥ {sum(drifted) / len(drifted):.1f})" if drifted else "–")
+        lines.append(f"| `{label}` | {result.n_params} | {value} | "
                      f"{s.kept}/{len(s.chains)} | {relax:.0f} / {args.burn_in + args.draws} | {hard} | {soft:.1f} | "
                      f"{rank} |")
         print(lines[-1], flush=True)
