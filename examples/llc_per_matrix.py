@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--burn-in", type=int, default=150)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--context", type=int, default=64)
+    p.add_argument("--step-size", type=float, default=None, help="SGLD step η (default: chosen automatically)")
     p.add_argument("--out", default=None, help="write the Markdown table here too")
     args = p.parse_args()
     start = time.time()
@@ -50,7 +51,8 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, head in MATRICES:
         result = estimate_neff(model, tokens, eps=[args.eps], params=ParamSubset(name, head=head), gamma=args.gamma,
-                               n_chains=args.chains, n_draws=args.draws, burn_in=args.burn_in, progress=False)
+                               n_chains=args.chains, n_draws=args.draws, burn_in=args.burn_in, step_size=args.step_size,
+                               progress=False)
         s = result.scale(args.eps)
         label = f"{name}[{head}]"
         ((w, g, k),) = [(w, g, k) for w, g, k in kfac.matrices if tl_name(w) == label]

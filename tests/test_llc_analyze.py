@@ -80,3 +80,18 @@ def test_config_checks_and_defaults():
         LLCAnalysisConfig(eps=(1e-3,), gamma=0.0)
     with pytest.raises(ValueError, match="max_tokens"):
         LLCAnalysisConfig(eps=(1e-3,), max_tokens=0)
+
+
+@pytest.mark.models
+@pytest.mark.slow  # ~20 s on a quiet 2-core CPU (96 s measured under load)
+def test_per_matrix_example_runs_in_reduced_form(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "llc_per_matrix.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--tokens", "64", "--context", "32", "--draws", "4",
+                                      "--burn-in", "2", "--step-size", "1e-7", "--out", str(tmp_path / "t.md")])
+    runpy.run_path(str(script), run_name="__main__")
+    table = (tmp_path / "t.md").read_text()
+    assert table.count("| `blocks.") == 3 and "K-FAC #{g·k > γε}" in table
