@@ -479,7 +479,8 @@ def add_interaction_options(p: argparse.ArgumentParser) -> None:
                    help="tokens the edges are averaged over (default: %(default)s)")
     g.add_argument("--edge-probes", type=positive_int, default=None, metavar="S",
                    help="estimate the edges with S Rademacher probes over output positions (S x d backward passes "
-                        "per layer pair) instead of exactly by forward mode, d passes per basis and pair (default: exact)")
+                        "per layer pair) instead of exactly by forward mode, d passes per basis and pair "
+                        "(default: exact)")
     g.add_argument("--eps-rtol", type=positive_float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-6],
                    metavar="R", help="module-search scales ε, relative to the largest edge (default: 1e-1 1e-2 "
                                      "1e-3 1e-4 1e-6)")
