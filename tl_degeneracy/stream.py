@@ -62,7 +62,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived during ``collect``; like Ctrl-C, the checkpoint was written first."""
 
 
-def _dist_rank_world(distributed: bool | None) -> tuple[int, int]:
+def rank_and_world(distributed: bool | None) -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` unless distributed (default: when a group is up)."""
     import torch.distributed as dist
 
     active = dist.is_available() and dist.is_initialized()
@@ -147,7 +148,7 @@ def stream(
     if checkpoint_every < 1 or not checkpoint_seconds > 0:
         raise ValueError("checkpoint_every must be >= 1 and checkpoint_seconds > 0")
     record = run_record(model, plan)
-    rank, world = _dist_rank_world(distributed)
+    rank, world = rank_and_world(distributed)
     ckpt_path = None if checkpoint is None else _rank_path(checkpoint, rank, world)
 
     stats = Stats(run=record, progress=Progress())

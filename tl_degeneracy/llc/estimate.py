@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..checkpoint import check_resumable
 from ..stats import atomic_save_safetensors, read_safetensors_metadata
+from ..stream import rank_and_world
 from .config import Integrator, LLCConfig, ParamSubset, as_subset
 from .sampler import (
     Chain,
@@ -329,21 +330,6 @@ class _Checkpointer(ChainCallback):
         self.save()
 
 
-# -- distributed -----------------------------------------------------------------------------------
-
-def _rank_world(distributed: bool | None) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    active = dist.is_available() and dist.is_initialized()
-    if distributed is None:
-        distributed = active
-    if not distributed:
-        return 0, 1
-    if not active:
-        raise RuntimeError("distributed=True but torch.distributed is not initialised (launch with torchrun and call "
-                           "torch.distributed.init_process_group first)")
-    return dist.get_rank(), dist.get_world_size()
-
 
 STATUS_CODES = {s: k for k, s in enumerate(ChainStatus)}
 
@@ -458,7 +444,7 @@ def estimate_neff(
         raise ValueError("pass either config=LLCConfig(...) or eps= and the options as keywords, not both")
     subset = as_subset(params)
     start = time.perf_counter()
-    rank, world = _rank_world(distributed)
+    rank, world = rank_and_world(distributed)
     target = build_target(model, data, config, subset, max_tokens=max_tokens, context=context)
     n_params = target.n_params
     limit = config.divergence_factor * (n_params / 2 + 1)
