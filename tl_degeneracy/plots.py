@@ -18,7 +18,9 @@ from .degeneracy_report import LayerTotals  # noqa: E402
 from .interaction_basis import LayerBasis  # noqa: E402
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (folders created), close it, return the path: every report figure goes here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -48,7 +50,7 @@ def spectra(layer: LayerBasis, path: Path) -> Path:
     ax.set_ylabel("eigenvalue")
     ax.set_title(f"{layer.hook}: {layer.k} of {layer.d} directions kept", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cumulative(ib: dict[str, LayerBasis], pca: dict[str, LayerBasis], path: Path) -> Path:
@@ -67,7 +69,7 @@ def cumulative(ib: dict[str, LayerBasis], pca: dict[str, LayerBasis], path: Path
     ax.set_ylabel("cumulative fraction\n(IB: of ΣΛ; PCA: of variance)", fontsize=8)
     ax.set_title("How many directions carry the interactions (IB, solid) vs the variance (PCA, dashed)", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def head_sync_heatmap(tv: torch.Tensor, layer: int, threshold: float, path: Path) -> Path:
@@ -80,7 +82,7 @@ def head_sync_heatmap(tv: torch.Tensor, layer: int, threshold: float, path: Path
     ax.set_title(f"layer {layer}: head synchronisation (threshold {threshold:g})", fontsize=8)
     ax.set_xlabel("head")
     ax.set_ylabel("head")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def effective_parameters(per_layer: dict[str, LayerTotals], path: Path) -> Path:
@@ -97,4 +99,4 @@ def effective_parameters(per_layer: dict[str, LayerTotals], path: Path) -> Path:
     ax.set_ylabel("parameters")
     ax.set_title("Weight parameters per layer: nominal vs K-FAC effective count", fontsize=8)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

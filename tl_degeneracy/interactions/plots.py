@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..plots import save_figure as _save  # noqa: E402
 from .graph import InteractionGraph  # noqa: E402
 from .modules import ModuleResult  # noqa: E402
 from .sparsity import gini, lorenz_curve  # noqa: E402
@@ -29,15 +30,6 @@ BASIS_STYLE = {"interaction": ("C0", "-"), "pca": ("C1", "--"), "standard": ("C2
 
 def _style(basis: str, index: int) -> tuple[str, str]:
     return BASIS_STYLE.get(basis, (f"C{(index + 4) % 10}", "-"))
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _note(ax: Any, text: str) -> None:
