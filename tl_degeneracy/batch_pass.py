@@ -203,7 +203,7 @@ def _chunks(probes: Iterable[Tensor], size: int) -> Iterator[list[Tensor]]:
         yield chunk
 
 
-def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[Tensor | None]:
+def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor] | Tensor) -> list[Tensor | None]:
     """``Jᵀ v`` at every input for a chunk of probes, stacked on a leading probe axis.
 
     One vmapped backward pass per chunk (``is_grads_batched``) is ~3× faster than a
@@ -211,7 +211,8 @@ def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor]) -> list[T
     """
     if len(chunk) > 1:
         try:
-            return list(torch.autograd.grad(z, inputs, grad_outputs=torch.stack(chunk), retain_graph=True,
+            stacked = chunk if isinstance(chunk, Tensor) else torch.stack(chunk)  # a ready stack is not copied
+            return list(torch.autograd.grad(z, inputs, grad_outputs=stacked, retain_graph=True,
                                             allow_unused=True, is_grads_batched=True))
         except RuntimeError:
             pass

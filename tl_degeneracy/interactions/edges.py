@@ -241,7 +241,7 @@ def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[L
             gi = torch.tensor([i for i, _ in chunk], device=f_out.device)
             ai = torch.tensor([a for _, a in chunk], device=f_out.device)
             cotangents = along[gi][..., None] * eye[ai][:, None, None, :]  # [c, B, T, d_out]
-            (grads,) = _probe_grads(f_out, [f_in], list(cotangents))
+            (grads,) = _probe_grads(f_out, [f_in], cotangents)
             if grads is None:
                 raise RuntimeError(f"node {out_layers[0].hook!r} does not depend on {in_layers[0].hook!r}: order "
                                    "the nodes forward, each after the one before")
