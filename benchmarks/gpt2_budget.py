@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--pretrained", action="store_true", help="load gpt2 from the hub (needs network)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stage-sequences", type=int, default=8,
+                        help="sequences each stage is timed on alone, for the breakdown (default 8)")
     parser.add_argument("--json", default=None, help="also write the result row to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,6 +95,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         batch_size=batch_size, progress=False)
     sync()
     collect_s = time.perf_counter() - start
+    # The streaming pass by stage, each alone on the first sequences (as a breakdown of the pass above).
+    stage_seq = tokens[: max(1, min(n_seq, args.stage_sequences))]
+    stages = {
+        f"G at {len(hooks)} hooks": dict(hooks=hooks),
+        f"G+M at {len(residual)} residual hooks ({args.probes} probes)": dict(hooks=residual, jacobians=jac),
+        "head sync (all layers)": dict(hooks=residual[:1], observers=[tld.HeadSync()]),
+    }
+    stage_rates: dict[str, float] = {}
+    for name, options in stages.items():
+        sync()
+        start = time.perf_counter()
+        tld.collect(model, stage_seq, batch_size=batch_size, progress=False, **options)
+        sync()
+        stage_rates[name] = round(stage_seq.numel() / (time.perf_counter() - start), 1)
     # Stage 2: the interaction basis at every residual hook point.
     start = time.perf_counter()
     basis = tld.InteractionBasis.fit(stats, hooks=residual)
@@ -107,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else "cpu", "dtype": args.dtype, "preset": "gpt2 (hub)" if args.pretrained else preset,
         "context": context, "batch_size": batch_size, "probes": args.probes, "tokens_measured": n_tok,
         "probe_space": stats.run.jacobians["probe_space"] if stats.run and stats.run.jacobians else None,
-        "collect_tokens_per_s": round(per_s, 1), "collect_s": round(collect_s, 2), "fit_s": round(fit_s, 2),
+        "collect_tokens_per_s": round(per_s, 1),
+        "stage_tokens_per_s": stage_rates, "collect_s": round(collect_s, 2), "fit_s": round(fit_s, 2),
         "projected_1M_s": round(projected, 1), "projected_1M_h": round(projected / 3600, 2),
         "host_peak_gb": round(host_peak_gb, 2), "device_peak_gb": None if device_peak_gb is None
         else round(device_peak_gb, 2), "basis_dims": {h: basis[h].k for h in residual[:2]},
@@ -116,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"collect (G at {len(hooks)} hooks, M at {len(residual)} with {args.probes} probes, head sync): "
           f"{per_s:,.0f} tokens/s ({collect_s:.1f}s for {n_tok} tokens)")
+    for name, rate in stage_rates.items():
+        print(f"  stage alone, {name}: {rate:,.0f} tokens/s")
     print(f"interaction basis at {len(residual)} hooks: {fit_s:.2f}s")
     print(f"projected for {FULL_TOKENS:,} tokens: {projected / 60:,.1f} min; peak host {host_peak_gb:.2f} GB"
           + ("" if device_peak_gb is None else f", peak device {device_peak_gb:.2f} GB"))

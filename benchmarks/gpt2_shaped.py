@@ -106,6 +106,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, context
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: min(2, torch default))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda); timings sync the GPU")
     parser.add_argument("--json", type=str, default=None, help="also write the result dict to this file")
     parser.set_defaults(_defaults=dict(batch_size=batch_size, context=context, batches=batches, repeats=repeats))
 
@@ -148,6 +149,7 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -172,9 +174,18 @@ def emit_result(result: dict[str, Any], args: argparse.Namespace | None = None) 
 
 # --- timing -----------------------------------------------------------------------------------
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # GPU work is asynchronous: wait for it
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any]) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = model_config(args.preset, args.layers)
     t0 = time.perf_counter()
-    model = build_model(args.preset, args.layers, seed=args.seed)
+    model = build_model(args.preset, args.layers, seed=args.seed).to(args.device)
     print(f"built the model in {time.perf_counter() - t0:.1f}s")
     print(describe_run(args, model))
-    tokens = random_tokens(args.batch_size, args.context, cfg["d_vocab"], seed=args.seed)
+    tokens = random_tokens(args.batch_size, args.context, cfg["d_vocab"], seed=args.seed).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"minibatch [{args.batch_size}, {args.context}]; {args.batches} steps per round, {args.repeats} rounds")
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.autograd.grad(target.loss(0), params)
 
     buffers = [torch.empty_like(p) for p in model.parameters()]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=args.device).manual_seed(0)
 
     def noise() -> None:
         for _ in range(args.batches):

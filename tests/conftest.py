@@ -3,6 +3,7 @@ CI runs the suite once per generation (TL 4.x main env, TL 3.9.0 second env)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,41 @@ def generation() -> int:
 
 @pytest.fixture(scope="session")
 def tiny():
-    """A 2-layer float64 random transformer (LN, GELU), same weights in both generations."""
-    return tiny_model(seed=0)
+    """A 2-layer float64 random transformer (LN, GELU), same weights in both generations, on the CPU
+    (named: TL 3.x would otherwise put it on a GPU when there is one)."""
+    return tiny_model(seed=0, device="cpu")
+
+
+CUDA_REASON = "needs CUDA: torch.cuda.is_available() is False here"
+_ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)]
+
+
+@pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_ON_CUDA)])
+def device(request) -> str:
+    """Where a numerics test runs: always on the CPU, and on CUDA too when a GPU is present
+    (the cuda param is skipped, with the reason, otherwise). Select the GPU runs with ``-m cuda``."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def per_device() -> Callable[..., object]:
+    """A session-wide cache: ``per_device(key, device, build)`` builds once per (key, device)."""
+    cache: dict[tuple[object, str], object] = {}
+
+    def get(key: object, device: str, build: Callable[[], object]) -> object:
+        if (key, device) not in cache:
+            cache[key, device] = build()
+        return cache[key, device]
+
+    return get
+
+
+@pytest.fixture
+def tiny_on(device, request, per_device):
+    """``tiny`` on ``device``: the session's ``tiny`` itself on the CPU, built once per session on CUDA."""
+    if device == "cpu":
+        return request.getfixturevalue("tiny")
+    return per_device("tiny", device, lambda: tiny_model(seed=0, device=device))
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,12 @@ import torch
 from tl_degeneracy import GramAccumulator, RunRecord, Stats
 
 
-def _data(n=50, d=6, seed=0, dtype=torch.float32):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def _data(n=50, d=6, seed=0, dtype=torch.float32, device="cpu"):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
 
 
-def test_gram_mean_covariance_match_dense():
-    f = _data()
+def test_gram_mean_covariance_match_dense(device):
+    f = _data(device=device)
     acc = GramAccumulator.from_batch(f)
     f64 = f.double()
     assert torch.allclose(acc.gram, f64.T @ f64 / 50, rtol=1e-14, atol=0)
@@ -17,19 +17,20 @@ def test_gram_mean_covariance_match_dense():
     cov = torch.cov(f64.T, correction=0)
     assert torch.allclose(acc.covariance, cov, rtol=1e-12, atol=1e-14)
     assert acc.tensors["S"].dtype == torch.float64
+    assert acc.tensors["S"].device == f.device and acc.tensors["n"].device == f.device
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_accumulate_in_float64(dtype):
-    f = _data(dtype=dtype)
+def test_low_precision_inputs_accumulate_in_float64(dtype, device):
+    f = _data(dtype=dtype, device=device)
     acc = GramAccumulator.from_batch(f)
     assert acc.tensors["S"].dtype == torch.float64
     exact = f.double().T @ f.double()  # the low-precision values, squared exactly in float64
     assert torch.allclose(acc.tensors["S"], exact, rtol=1e-14, atol=0)
 
 
-def test_merge_is_exact_sum():
-    f = _data(n=90)
+def test_merge_is_exact_sum(device):
+    f = _data(n=90, device=device)
     whole = GramAccumulator.from_batch(f)
     first, second = GramAccumulator.from_batch(f[:30]), GramAccumulator.from_batch(f[30:])
     first_before = first.copy()
@@ -40,9 +41,9 @@ def test_merge_is_exact_sum():
     in_place = first.add_(second)  # in place, returns self
     assert in_place is first and first == parts
     with pytest.raises(ValueError, match="shape"):
-        whole + GramAccumulator.from_batch(_data(d=3))
+        whole + GramAccumulator.from_batch(_data(d=3, device=device))
     with pytest.raises(ValueError, match="shape"):
-        whole.add_(GramAccumulator.from_batch(_data(d=3)))
+        whole.add_(GramAccumulator.from_batch(_data(d=3, device=device)))
 
 
 def test_empty_accumulator_refuses_to_divide():
@@ -50,12 +51,13 @@ def test_empty_accumulator_refuses_to_divide():
         _ = GramAccumulator.zeros(4).gram
 
 
-def test_stats_save_load_roundtrip(tmp_path):
-    stats = Stats({("activations", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data()),
-                   ("jacobians", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data(seed=1))},
+def test_stats_save_load_roundtrip(tmp_path, device):
+    stats = Stats({("activations", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(_data(device=device)),
+                   ("jacobians", "blocks.0.hook_resid_pre"): GramAccumulator.from_batch(
+                       _data(seed=1, device=device))},
                   RunRecord(model={}, config={"hooks": ["blocks.0.hook_resid_pre"]}), n_tokens=50, n_batches=1)
     stats.save(tmp_path / "s.safetensors")
-    back = Stats.load(tmp_path / "s.safetensors")
+    back = Stats.load(tmp_path / "s.safetensors", device=device)
     assert back.hooks == ["blocks.0.hook_resid_pre"]
     assert back.n_tokens == 50 and back.n_batches == 1
     assert back.run == stats.run and back.progress is None

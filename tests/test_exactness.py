@@ -26,7 +26,7 @@ def assert_same_sums(a: tld.Stats, b: tld.Stats, rtol=1e-12):
         other = b.accumulators[key]
         assert int(acc.tensors["n"]) == int(other.tensors["n"]), key
         for field in ("S", "s"):
-            x, y = acc.tensors[field], other.tensors[field]
+            x, y = acc.tensors[field].cpu(), other.tensors[field].cpu()  # a resumed run sums on the CPU
             assert float((x - y).norm() / y.norm()) <= rtol, (key, field)
 
 
@@ -35,8 +35,18 @@ def reference():
     return tld.collect(tiny_model(seed=0), TOKENS, HOOKS, batch_size=4, progress=False)
 
 
-def test_batch_sizes_and_merge_agree(reference):
-    model = tiny_model(seed=0)
+@pytest.fixture
+def reference_on(device, request, per_device):
+    """``reference`` computed on ``device`` (built once per session there)."""
+    if device == "cpu":
+        return request.getfixturevalue("reference")
+    return per_device("exactness-reference", device, lambda: tld.collect(
+        tiny_model(seed=0, device=device), TOKENS, HOOKS, batch_size=4, progress=False))
+
+
+def test_batch_sizes_and_merge_agree(reference_on, device):
+    reference = reference_on
+    model = tiny_model(seed=0, device=device)
     one_batch = tld.collect(model, TOKENS, HOOKS, batch_size=64, progress=False)
     three = tld.collect(model, [TOKENS[:20], TOKENS[20:41], TOKENS[41:]], HOOKS, progress=False)
     first = tld.collect(model, TOKENS[:32], HOOKS, progress=False)
@@ -99,9 +109,9 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference):
     assert_same_sums(resumed, reference)
 
 
-def test_resume_with_jacobians_is_exact(tmp_path):
+def test_resume_with_jacobians_is_exact(tmp_path, device):
     # Probes are seeded per batch index, so a resumed run draws the same probes.
-    model = tiny_model(seed=0)
+    model = tiny_model(seed=0, device=device)
     jac = tld.JacobianConfig(n_probes=2)
     full = tld.collect(model, TOKENS, HOOKS, batch_size=4, jacobians=jac, progress=False)
     ckpt = tmp_path / "j.safetensors"

@@ -12,12 +12,12 @@ from tl_degeneracy.testing import random_tl_state_dict, tiny_config
 N_HEADS, D_HEAD, D_MODEL, VOCAB, CTX = 4, 4, 16, 23, 12
 
 
-def build(seed: int = 0, edit=None, **cfg_overrides):
+def build(seed: int = 0, edit=None, device=None, **cfg_overrides):
     cfg = tiny_config(n_heads=N_HEADS, d_head=D_HEAD, d_model=D_MODEL, d_vocab=VOCAB, n_ctx=CTX, **cfg_overrides)
     sd = random_tl_state_dict(cfg, seed)
     if edit is not None:
         edit(sd, cfg)
-    return model_from_tl_state_dict(cfg, sd, dtype=torch.float64)
+    return model_from_tl_state_dict(cfg, sd, dtype=torch.float64, device=device)
 
 
 def tokens(n: int = 20, seed: int = 1) -> torch.Tensor:
@@ -31,7 +31,7 @@ def copy_qk_head0_into_head1(sd, cfg):
 
 def dense_head_stats(model, toks, layer, mask):
     """D_hh' and mean TV straight from run_with_cache (the reference)."""
-    _, cache = model.run_with_cache(toks)
+    _, cache = model.run_with_cache(toks.to(mask.device))
     A = cache[f"blocks.{layer}.attn.hook_pattern"].to(torch.float64)  # [b, h, q, k]
     rows = A.permute(0, 2, 1, 3)[mask]  # [n, h, k]
     diff = rows[:, :, None, :] - rows[:, None, :, :]
@@ -40,10 +40,10 @@ def dense_head_stats(model, toks, layer, mask):
 
 # -- no model --------------------------------------------------------------------------------------
 
-def test_accumulator_matches_dense_and_is_chunk_invariant(monkeypatch):
+def test_accumulator_matches_dense_and_is_chunk_invariant(monkeypatch, device):
     g = torch.Generator().manual_seed(0)
-    pattern = torch.softmax(torch.randn(3, 5, 7, 7, generator=g, dtype=torch.float64), -1)
-    mask = torch.rand(3, 7, generator=g) > 0.3
+    pattern = torch.softmax(torch.randn(3, 5, 7, 7, generator=g, dtype=torch.float64), -1).to(device)
+    mask = (torch.rand(3, 7, generator=g) > 0.3).to(device)
     pattern.permute(0, 2, 1, 3)[~mask] = float("nan")  # rows outside the mask (padding) may be NaN
     whole = hs.HeadSyncAccumulator.from_batch(pattern, mask)
     monkeypatch.setattr(hs, "_CHUNK_ELEMENTS", 3 * 5 * 7 * 2)  # two query rows per chunk
@@ -70,8 +70,8 @@ def test_blocks_components_vs_complete_linkage():
 # -- models ----------------------------------------------------------------------------------------
 
 @pytest.mark.models
-def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference():
-    model = build(edit=copy_qk_head0_into_head1)
+def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference(device):
+    model = build(edit=copy_qk_head0_into_head1, device=device)
     toks = tokens()
     positions = torch.zeros(CTX, dtype=torch.bool)
     positions[[0, 3, 4, 7, 11]] = True  # a position subset: the datapoint mask must be honoured
@@ -79,7 +79,7 @@ def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference():
                     observers=[HeadSync()], progress=False)
     for layer in (0, 1):
         got = hs.head_sync_matrices(stats, layer)
-        D, TV = dense_head_stats(model, toks, layer, positions.expand(toks.shape[0], CTX))
+        D, TV = dense_head_stats(model, toks, layer, positions.expand(toks.shape[0], CTX).to(device))
         assert got.n == toks.shape[0] * int(positions.sum())
         assert (got.distance - D).abs().max() <= 1e-10 * D.abs().max()
         assert (got.tv - TV).abs().max() <= 1e-10 * TV.abs().max()
@@ -90,7 +90,7 @@ def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference():
     assert hs.head_sync_matrices(stats, 0).distance[0, 1] < 1e-12
     # Other pairs are far from synchronized: the threshold has room on both sides.
     tv0 = hs.head_sync_matrices(stats, 0).tv
-    assert tv0[~torch.eye(N_HEADS, dtype=torch.bool)].sort().values[2] > 0.1
+    assert tv0[~torch.eye(N_HEADS, dtype=torch.bool, device=tv0.device)].sort().values[2] > 0.1
     assert result.freedoms_per_layer == {0: 2 * D_HEAD**2, 1: 0}
     assert result.meaning and result.threshold == 0.05
     again = hs.SynchronizedHeads.from_dict(result.to_dict())
@@ -98,8 +98,8 @@ def test_planted_pair_is_exactly_that_pair_and_matches_dense_reference():
 
 
 @pytest.mark.models
-def test_random_model_has_no_synchronized_pair():
-    model = build(seed=3)
+def test_random_model_has_no_synchronized_pair(device):
+    model = build(seed=3, device=device)
     stats = collect(model, tokens(), "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
     result = hs.synchronized_heads(stats, threshold=0.05)
     assert result.blocks == [] and result.total_freedoms == 0
@@ -126,10 +126,10 @@ def attend_to_first_token(sd, cfg):
 
 
 @pytest.mark.models
-def test_all_heads_attending_to_first_token_form_one_block():
-    model = build(edit=attend_to_first_token, normalization_type=None)
+def test_all_heads_attending_to_first_token_form_one_block(device):
+    model = build(edit=attend_to_first_token, normalization_type=None, device=device)
     toks = tokens()
-    _, cache = model.run_with_cache(toks)
+    _, cache = model.run_with_cache(toks.to(device))
     assert cache["blocks.0.attn.hook_pattern"][..., 0].min() > 1 - 1e-9  # the construction works
     stats = collect(model, toks, "blocks.0.hook_resid_pre", observers=[HeadSync(layers=[0])], progress=False)
     result = hs.synchronized_heads(stats, threshold=0.01, model=model)
@@ -140,12 +140,12 @@ def test_all_heads_attending_to_first_token_form_one_block():
 
 
 @pytest.mark.models
-def test_value_rank_adjusts_the_freedoms():
+def test_value_rank_adjusts_the_freedoms(device):
     def plant(sd, cfg):
         copy_qk_head0_into_head1(sd, cfg)
         sd["blocks.0.attn.W_V"][1][:, 0] = sd["blocks.0.attn.W_V"][1][:, 1]  # rank d_head − 1
 
-    model = build(edit=plant)
+    model = build(edit=plant, device=device)
     stats = collect(model, tokens(8), "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
     adjusted = hs.synchronized_heads(stats, model=model)
     assert adjusted.blocks[0].value_ranks == [D_HEAD, D_HEAD - 1]
@@ -155,8 +155,8 @@ def test_value_rank_adjusts_the_freedoms():
 
 
 @pytest.mark.models
-def test_streamed_sums_merge_save_and_load(tmp_path):
-    model = build(edit=copy_qk_head0_into_head1)
+def test_streamed_sums_merge_save_and_load(tmp_path, device):
+    model = build(edit=copy_qk_head0_into_head1, device=device)
     toks = tokens(12)
     whole = collect(model, toks, "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
     a = collect(model, toks[:5], "blocks.0.hook_resid_pre", observers=[HeadSync()], progress=False)
@@ -166,7 +166,7 @@ def test_streamed_sums_merge_save_and_load(tmp_path):
         x, y = hs.head_sync_matrices(whole, layer), hs.head_sync_matrices(merged, layer)
         assert torch.allclose(x.gram, y.gram, rtol=1e-12, atol=0) and x.n == y.n
     whole.save(tmp_path / "s.safetensors")
-    loaded = Stats.load(tmp_path / "s.safetensors")
+    loaded = Stats.load(tmp_path / "s.safetensors", device=device)
     assert isinstance(loaded.accumulators[("head_sync", "blocks.0.attn.hook_pattern")], hs.HeadSyncAccumulator)
     assert torch.equal(hs.head_sync_matrices(loaded, 0).tv, hs.head_sync_matrices(whole, 0).tv)
     with pytest.raises(KeyError, match=r"observers=\[HeadSync\(\)\]"):

@@ -45,10 +45,11 @@ def _segment(model, tokens, source, target):
 
 def dense_edges(model, tokens, source, target, in_layer, out_layer, out_positions=None):
     """E from the full segment Jacobian (``torch.func.jacrev``), one sequence at a time."""
-    C_out, C_in_pinv = out_layer.C, in_layer.C_pinv
-    E = torch.zeros(C_out.shape[0], C_in_pinv.shape[1], dtype=torch.float64)
+    device = next(model.parameters()).device  # the reference is computed where the model lives
+    C_out, C_in_pinv = out_layer.C.to(device), in_layer.C_pinv.to(device)
+    E = torch.zeros(C_out.shape[0], C_in_pinv.shape[1], dtype=torch.float64, device=device)
     n = 0
-    for row in tokens:
+    for row in tokens.to(device):
         row = row[None]
         _, cache = model.run_with_cache(row)
         f_in = cache[source].detach()
@@ -71,58 +72,78 @@ def tiny_bases(tiny, tiny_tokens):
     return node_bases(stats, nodes)
 
 
+@pytest.fixture
+def tiny_bases_on(device, request, per_device, tiny_on, tiny_tokens):
+    """``tiny_bases`` fitted on ``device`` (once per session there)."""
+    if device == "cpu":
+        return request.getfixturevalue("tiny_bases")
+
+    def build():
+        nodes = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
+                 "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+        return node_bases(tld.collect(tiny_on, tiny_tokens, nodes, jacobians=True, progress=False), nodes)
+
+    return per_device("tiny_bases", device, build)
+
+
 @pytest.mark.parametrize("nodes", [
     ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"],  # whole blocks: attention
     ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"],  # one MLP segment
 ], ids=["causal-attention", "mlp"])
 @pytest.mark.parametrize("method", ["forward", "backward"])
-def test_exact_edges_equal_the_dense_jacobian(tiny, tiny_tokens, tiny_bases, nodes, method):
+def test_exact_edges_equal_the_dense_jacobian(tiny_on, tiny_tokens, tiny_bases_on, nodes, method):
+    tiny, tiny_bases = tiny_on, tiny_bases_on
     tokens = tiny_tokens[:4]
     graphs = collect_edges(tiny, tokens, tiny_bases, nodes, exact=True, method=method, batch_size=3, progress=False)
     assert set(graphs) == {"interaction", "pca", "standard"}
     for name, graph in graphs.items():
         for l, (source, target) in enumerate(zip(nodes[:-1], nodes[1:])):
             ref = dense_edges(tiny, tokens, source, target, tiny_bases[name][source], tiny_bases[name][target])
-            got = graph.edges[l]
+            got, ref = graph.edges[l].cpu(), ref.cpu()
             assert got.shape == ref.shape
             assert ref.abs().max() > 0
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
             assert graph.n_datapoints[l] == tokens.numel()
 
 
-def test_cross_position_terms_are_present(tiny, tiny_tokens, tiny_bases):
+def test_cross_position_terms_are_present(tiny_on, tiny_tokens, tiny_bases_on, device):
     """Attention edges differ from what a position-local (t' = t only) attribution would give."""
+    tiny, tiny_bases = tiny_on, tiny_bases_on
     nodes = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
     tokens = tiny_tokens[:2]
     source, target = nodes
     layer_in, layer_out = tiny_bases["standard"][source], tiny_bases["standard"][target]
+    C_out, C_in_pinv = layer_out.C.to(device), layer_in.C_pinv.to(device)
     full = collect_edges(tiny, tokens, {"standard": tiny_bases["standard"]}, nodes, exact=True,
                          progress=False)["standard"].edges[0]
     local = torch.zeros_like(full)
-    for row in tokens:
+    for row in tokens.to(device):
         _, cache = tiny.run_with_cache(row[None])
         f_in = cache[source].detach()
         J = torch.func.jacrev(_segment(tiny, row[None], source, target))(f_in)[0, :, :, 0]
         f_hat = layer_in.transform(f_in[0])
         for t in range(row.shape[0]):
-            local += (layer_out.C @ J[t, :, t] @ layer_in.C_pinv * f_hat[t][None]).square()
+            local += (C_out @ J[t, :, t] @ C_in_pinv * f_hat[t][None]).square()
     local /= tokens.numel()
     assert (full - local).abs().max() > 1e-3 * full.abs().max()
 
 
-def test_output_positions_restrict_the_datapoints(tiny, tiny_tokens, tiny_bases):
+def test_output_positions_restrict_the_datapoints(tiny_on, tiny_tokens, tiny_bases_on):
+    tiny, tiny_bases = tiny_on, tiny_bases_on
     nodes = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
     tokens = tiny_tokens[:3]
     graphs = collect_edges(tiny, tokens, {"interaction": tiny_bases["interaction"]}, nodes, exact=True,
                            positions={nodes[1]: [-1]}, progress=False)
     ref = dense_edges(tiny, tokens, *nodes, tiny_bases["interaction"][nodes[0]], tiny_bases["interaction"][nodes[1]],
                       out_positions=[-1])
-    torch.testing.assert_close(graphs["interaction"].edges[0], ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(graphs["interaction"].edges[0].cpu(), ref.cpu(), rtol=1e-10, atol=1e-12)
     assert graphs["interaction"].n_datapoints == [3]
 
 
 def test_probe_estimator_is_unbiased_and_its_error_falls_like_one_over_sqrt_probes_times_sequences(tiny):
-    """Relative RMS error against exact on the same data, over seeds: ∝ 1/sqrt(probes · sequences)."""
+    """Relative RMS error against exact on the same data, over seeds: ∝ 1/sqrt(probes · sequences).
+
+    CPU only: its bounds hold for the CPU generator's draws (12 seeds); CUDA draws other probes."""
     nodes = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
     tokens = torch.randint(0, 23, (32, 12), generator=torch.Generator().manual_seed(3))
     stats = tld.collect(tiny, tokens, nodes, jacobians=True, progress=False)
@@ -149,10 +170,10 @@ def test_probe_estimator_is_unbiased_and_its_error_falls_like_one_over_sqrt_prob
     assert abs(table[2][2] / table[3][2] - 1) < 0.4
 
 
-def test_deep_linear_edges_are_diagonal_in_the_interaction_basis():
+def test_deep_linear_edges_are_diagonal_in_the_interaction_basis(device):
     """Appendix A: in a deep linear network each layer's interaction-basis coordinates equal the
     next layer's up to sign, so every edge matrix is diagonal; PCA coordinates are not."""
-    model = DeepLinear(dims=(8, 8, 8, 8), d_vocab=40, d_out=8, seed=1)
+    model = DeepLinear(dims=(8, 8, 8, 8), d_vocab=40, d_out=8, seed=1).to(device)
     nodes = ["hook_0", "hooks_after.0", "hooks_after.1", "hooks_after.2"]
     tokens = torch.randint(0, 40, (64, 1), generator=torch.Generator().manual_seed(0))
     stats = tld.collect(model, tokens, nodes, jacobians=tld.JacobianConfig(exact=True, output_positions=None),
@@ -181,8 +202,9 @@ def test_bad_edge_configurations_are_refused(tiny, tiny_bases):
         EdgeConfig.build(tiny, {}, ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"])
 
 
-def test_edges_resume_and_identity(tiny, tiny_tokens, tiny_bases, tmp_path):
+def test_edges_resume_and_identity(tiny_on, tiny_tokens, tiny_bases_on, tmp_path):
     """A checkpointed edge pass resumed equals an uninterrupted one; another basis is refused."""
+    tiny, tiny_bases = tiny_on, tiny_bases_on
     nodes = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
     bases = {"interaction": tiny_bases["interaction"]}
     full = collect_edges(tiny, tiny_tokens, bases, nodes, batch_size=2, progress=False)["interaction"].edges[0]
@@ -202,15 +224,15 @@ def test_edges_resume_and_identity(tiny, tiny_tokens, tiny_bases, tmp_path):
     assert ckpt.exists()
     resumed = collect_edges(tiny, tiny_tokens, bases, nodes, batch_size=2, progress=False, checkpoint=ckpt,
                             resume=True)["interaction"].edges[0]
-    torch.testing.assert_close(resumed, full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(resumed.cpu(), full.cpu(), rtol=1e-12, atol=0)  # a resumed run sums on the CPU
     with pytest.raises(tld.CheckpointMismatchError, match="bases"):
         collect_edges(tiny, tiny_tokens, {"interaction": tiny_bases["pca"]}, nodes, batch_size=2, progress=False,
                       checkpoint=ckpt, resume=True)
 
 
-def test_float32_model_gives_float64_edges_close_to_float64_model(tiny_tokens):
+def test_float32_model_gives_float64_edges_close_to_float64_model(tiny_tokens, device):
     nodes = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
-    m64, m32 = tiny_model(seed=2), tiny_model(seed=2, dtype=torch.float32)
+    m64, m32 = tiny_model(seed=2, device=device), tiny_model(seed=2, dtype=torch.float32, device=device)
     stats = tld.collect(m64, tiny_tokens, nodes, jacobians=True, progress=False)
     bases = node_bases(stats, nodes, kinds=("interaction",))
     E64 = collect_edges(m64, tiny_tokens[:4], bases, nodes, exact=True, progress=False)["interaction"].edges[0]
@@ -219,9 +241,10 @@ def test_float32_model_gives_float64_edges_close_to_float64_model(tiny_tokens):
     torch.testing.assert_close(E32, E64, rtol=1e-3, atol=1e-5 * float(E64.max()))
 
 
-def test_ablation_curves_end_points_and_a_manual_reference(tiny, tiny_tokens, tiny_bases):
+def test_ablation_curves_end_points_and_a_manual_reference(tiny_on, tiny_tokens, tiny_bases_on, device):
     from tl_degeneracy.interactions import ablation_curves
 
+    tiny, tiny_bases = tiny_on, tiny_bases_on
     hook = "blocks.1.hook_resid_pre"
     bases = {name: tiny_bases[name] for name in ("interaction", "pca", "standard")}
     curves = ablation_curves(tiny, tiny_tokens[:6], bases, [hook], batch_size=4, progress=False)
@@ -241,7 +264,7 @@ def test_ablation_curves_end_points_and_a_manual_reference(tiny, tiny_tokens, ti
     def project(act, hook):
         return layer.mean + (act - layer.mean) @ P.T
 
-    tokens = tiny_tokens[:6]
+    tokens = tiny_tokens[:6].to(device)
     with torch.no_grad():
         z_star = tiny(tokens)
         z = tiny.run_with_hooks(tokens, fwd_hooks=[(hook, project)])

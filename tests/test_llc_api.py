@@ -191,8 +191,9 @@ def test_two_gloo_ranks_split_the_chains_and_give_the_single_process_result(tmp_
 # -- subsets on TransformerLens models, results, plots, CLI -------------------------------------------
 
 @pytest.mark.models
-def test_head_slice_moves_exactly_that_heads_tl_weights(tiny):
+def test_head_slice_moves_exactly_that_heads_tl_weights(tiny_on):
     """A slot's entries are the TransformerLens tensor's: perturbing them moves W_V[1] and nothing else."""
+    tiny = tiny_on
     (slot,) = resolve_subset(tiny, ParamSubset("blocks.1.attn.W_V", head=1))
     assert slot.numel == 16 * 4 and slot.label == "blocks.1.attn.W_V[1]"
 
@@ -204,7 +205,7 @@ def test_head_slice_moves_exactly_that_heads_tl_weights(tiny):
     before = tl_tensors()
     center = slot.read().clone()
     try:
-        slot.write(center + torch.arange(1, slot.numel + 1, dtype=center.dtype))
+        slot.write(center + torch.arange(1, slot.numel + 1, dtype=center.dtype, device=center.device))
         after = tl_tensors()
     finally:
         slot.write(center)

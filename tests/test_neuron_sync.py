@@ -13,12 +13,12 @@ D_MLP, VOCAB, CTX = 32, 23, 12
 HOOK = "blocks.0.hook_resid_pre"
 
 
-def build(seed: int = 0, edit=None, **cfg_overrides):
+def build(seed: int = 0, edit=None, device=None, **cfg_overrides):
     cfg = tiny_config(d_mlp=D_MLP, d_vocab=VOCAB, n_ctx=CTX, **cfg_overrides)
     sd = random_tl_state_dict(cfg, seed)
     if edit is not None:
         edit(sd, cfg)
-    return model_from_tl_state_dict(cfg, sd, dtype=torch.float64)
+    return model_from_tl_state_dict(cfg, sd, dtype=torch.float64, device=device)
 
 
 def tokens(n: int = 24, seed: int = 1) -> torch.Tensor:
@@ -38,7 +38,7 @@ def plant(sd, cfg):
 
 def dense_cost(model, toks, layer, mask):
     """c_ij = E[((r_i − r_j) p_j)²] / E[f_j²] straight from run_with_cache (the reference)."""
-    _, cache = model.run_with_cache(toks)
+    _, cache = model.run_with_cache(toks.to(mask.device))
     p = cache[f"blocks.{layer}.mlp.hook_pre"][mask].to(torch.float64)
     f = cache[f"blocks.{layer}.mlp.hook_post"][mask].to(torch.float64)
     r = torch.where(p == 0, torch.ones_like(p), f / p)
@@ -47,27 +47,27 @@ def dense_cost(model, toks, layer, mask):
 
 
 @pytest.mark.models
-def test_streamed_cost_matches_dense_reference():
-    model = build(seed=2)  # GELU
+def test_streamed_cost_matches_dense_reference(device):
+    model = build(seed=2, device=device)  # GELU
     toks = tokens()
     positions = [0, 2, 5, -1]
     stats = collect(model, toks, HOOK, positions=positions, batch_size=5, observers=[NeuronSync()], progress=False)
-    mask = torch.zeros(toks.shape, dtype=torch.bool)
+    mask = torch.zeros(toks.shape, dtype=torch.bool, device=device)
     mask[:, [0, 2, 5, CTX - 1]] = True
     for layer in (0, 1):
         got = ns.neuron_sync_matrices(stats, layer)
         ref = dense_cost(model, toks, layer, mask)
         assert got.n == int(mask.sum())
         assert (got.cost - ref).abs().max() <= 1e-10 * ref.abs().max()
-        _, cache = model.run_with_cache(toks)
+        _, cache = model.run_with_cache(toks.to(device))
         p = cache[f"blocks.{layer}.mlp.hook_pre"][mask]
         assert torch.allclose(got.preact_gram, p.T @ p / p.shape[0], rtol=1e-12, atol=1e-14)
         assert torch.equal(got.fires, (p > 0).sum(0))
 
 
 @pytest.mark.models
-def test_planted_relu_blocks_span_and_dead_neurons(tmp_path):
-    model = build(edit=plant, act_fn="relu")
+def test_planted_relu_blocks_span_and_dead_neurons(tmp_path, device):
+    model = build(edit=plant, act_fn="relu", device=device)
     stats = collect(model, tokens(), HOOK, observers=[NeuronSync()], batch_size=10, progress=False)
     result = ns.synchronized_neurons(stats, threshold=1e-3, model=model)
     layer0 = result.layers[0]
@@ -90,7 +90,8 @@ def test_planted_relu_blocks_span_and_dead_neurons(tmp_path):
     cost = ns.neuron_sync_matrices(stats, 0).cost
     live_random = [j for j in range(D_MLP) if j not in (0, 1, 2, 5, 9, 10, 11, 12)]
     sub = cost[live_random][:, live_random]
-    assert torch.maximum(sub, sub.T)[~torch.eye(len(live_random), dtype=torch.bool)].min() > 1e-2
+    off_diagonal = ~torch.eye(len(live_random), dtype=torch.bool, device=sub.device)
+    assert torch.maximum(sub, sub.T)[off_diagonal].min() > 1e-2
 
     again = ns.SynchronizedNeurons.from_dict(result.to_dict())
     assert again == result
@@ -100,9 +101,9 @@ def test_planted_relu_blocks_span_and_dead_neurons(tmp_path):
 
 
 @pytest.mark.models
-def test_gelu_duplicate_is_synchronized_but_rescaled_copy_is_not():
+def test_gelu_duplicate_is_synchronized_but_rescaled_copy_is_not(device):
     # GELU's firing pattern Φ(p) is not scale invariant, unlike ReLU's step.
-    model = build(edit=plant, act_fn="gelu")
+    model = build(edit=plant, act_fn="gelu", device=device)
     stats = collect(model, tokens(), HOOK, observers=[NeuronSync(layers=[0])], progress=False)
     result = ns.synchronized_neurons(stats, 0, threshold=1e-3)
     assert [b.neurons for b in result.layers[0].blocks if 0 in b.neurons] == [[0, 1]]

@@ -30,8 +30,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_factor_squares_to_the_unembedding_gram():
-    W = torch.randn(16, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+def test_factor_squares_to_the_unembedding_gram(device):
+    W = torch.randn(16, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
     L = readout_factor(W)
     assert L.shape == (16, 16)
     torch.testing.assert_close(L @ L.T, W @ W.T, rtol=0, atol=1e-12)
@@ -41,8 +41,8 @@ def test_factor_squares_to_the_unembedding_gram():
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("output_positions", [None, [-1]], ids=["all", "last"])
-def test_exact_residual_probes_equal_exact_vocabulary_probes(tied, output_positions):
-    model = tiny_model(seed=1)
+def test_exact_residual_probes_equal_exact_vocabulary_probes(tied, output_positions, device):
+    model = tiny_model(seed=1, device=device)
     if tied:
         _tied(model)
     tokens = _tokens()
@@ -87,10 +87,10 @@ def test_a_non_linear_head_falls_back_to_vocabulary_probes():
         model.reset_hooks()
 
 
-def test_random_residual_probes_are_unbiased_and_error_falls_like_one_over_root_samples():
+def test_random_residual_probes_are_unbiased_and_error_falls_like_one_over_root_samples(device):
     """Relative error of M against exact at S probes × n sequences: error·sqrt(S·n) stays
     within a factor 2.5 over a 16× range of S·n, and falls overall."""
-    model = tiny_model(seed=2)
+    model = tiny_model(seed=2, device=device)
     tokens = _tokens(64, seed=3)
     hook = HOOKS[0]
     exact = tld.collect(model, tokens, hook, jacobians=tld.JacobianConfig(exact=True, output_positions=[-1]),
@@ -111,8 +111,8 @@ def test_random_residual_probes_are_unbiased_and_error_falls_like_one_over_root_
     assert max(scaled) / min(scaled) < 2.5, rows
 
 
-def test_positions_per_hook_in_one_pass_equal_separate_runs():
-    model = tiny_model(seed=1)
+def test_positions_per_hook_in_one_pass_equal_separate_runs(device):
+    model = tiny_model(seed=1, device=device)
     tokens = _tokens()
     jac = tld.JacobianConfig(n_probes=2, seed=5)
     positions = {"blocks.1.hook_resid_mid": [-1], "blocks.1.hook_resid_post": [0, -1]}
@@ -129,8 +129,8 @@ def test_positions_per_hook_in_one_pass_equal_separate_runs():
     assert both.run.config["positions"]["blocks.1.hook_resid_mid"] == [-1]
 
 
-def test_an_oversized_batch_in_an_iterable_is_cut_to_batch_size():
-    model = tiny_model(seed=1)
+def test_an_oversized_batch_in_an_iterable_is_cut_to_batch_size(device):
+    model = tiny_model(seed=1, device=device)
     tokens = _tokens(10)
     one_big = tld.collect(model, [tokens], HOOKS[:1], batch_size=3, progress=False)
     assert one_big.n_batches == 4  # 3 + 3 + 3 + 1 rows
@@ -138,8 +138,8 @@ def test_an_oversized_batch_in_an_iterable_is_cut_to_batch_size():
     torch.testing.assert_close(one_big.gram(HOOKS[0]), split.gram(HOOKS[0]), rtol=1e-13, atol=0)
 
 
-def test_automatic_probe_chunk_gives_the_same_m_as_a_fixed_one():
-    model = tiny_model(seed=1)
+def test_automatic_probe_chunk_gives_the_same_m_as_a_fixed_one(device):
+    model = tiny_model(seed=1, device=device)
     tokens = _tokens(6)
     auto = tld.collect(model, tokens, HOOKS, jacobians=tld.JacobianConfig(exact=True), progress=False)
     fixed = tld.collect(model, tokens, HOOKS, jacobians=tld.JacobianConfig(exact=True, probe_chunk=3),
@@ -152,10 +152,11 @@ def test_automatic_probe_chunk_gives_the_same_m_as_a_fixed_one():
     assert ProbeSpace(auto.run.jacobians["probe_space"]) is ProbeSpace.RESIDUAL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none on this machine)")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False here")
 def test_cuda_float64_accumulators_for_a_half_precision_model():
     model = tiny_model(seed=1, dtype=torch.bfloat16, device="cuda")
     stats = tld.collect(model, _tokens(), HOOKS, jacobians=True, progress=False)
     assert stats.accumulators[("activations", HOOKS[0])].tensors["S"].dtype == torch.float64
-    ref = tld.collect(tiny_model(seed=1, dtype=torch.float64), _tokens(), HOOKS, progress=False)
+    ref = tld.collect(tiny_model(seed=1, dtype=torch.float64, device="cpu"), _tokens(), HOOKS, progress=False)
     assert _rel(stats.gram(HOOKS[0]).cpu(), ref.gram(HOOKS[0])) < 3e-2

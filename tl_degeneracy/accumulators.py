@@ -110,7 +110,8 @@ class GramAccumulator(AdditiveAccumulator):
         return cls({
             "S": (f64.T @ f64) * weight if weight != 1.0 else f64.T @ f64,
             "s": f64.sum(0) * weight,
-            "n": torch.tensor(f.shape[0], dtype=torch.int64, device=f.device),
+            # full(), not tensor(): a host scalar copied to a GPU would wait for the stream
+            "n": torch.full((), f.shape[0], dtype=torch.int64, device=f.device),
         })
 
     @property

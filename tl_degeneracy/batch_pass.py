@@ -51,9 +51,14 @@ def _flat(act: Tensor) -> Tensor:
 
 
 def _datapoints(act: Tensor, select: Tensor | None) -> Tensor:
-    """The selected datapoints ``[n, d]``; ``select=None`` (every position) gives a view, not a copy."""
+    """The selected datapoints ``[n, d]``; ``select=None`` (every position) gives a view, not a copy.
+
+    ``select`` holds flat ``batch·pos`` indices: ``index_select`` needs no host–device sync,
+    where a boolean mask would (its count decides the output's shape).
+    """
     flat = _flat(act)
-    return flat.reshape(-1, flat.shape[-1]) if select is None else flat[select]
+    flat = flat.reshape(-1, flat.shape[-1])
+    return flat if select is None else flat.index_select(0, select)
 
 
 class _StopForward(Exception):
@@ -88,36 +93,45 @@ def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[
 
 
 class _Masks:
-    """The ``[batch, pos]`` datapoint mask of each hook (one per distinct position selection)."""
+    """The ``[batch, pos]`` datapoint mask of each hook (one per distinct position selection).
+
+    Masks are built on the host, where the data's attention mask is, and sent to the device
+    without waiting: deciding "every position?" or a selection's size on the device would
+    stall the host once per hook and batch.
+    """
 
     def __init__(self, plan: RunConfig, batch: int, seq: int, attention_mask: Tensor | None, device: torch.device):
-        self.plan, self.args = plan, (batch, seq, attention_mask, device)
-        self._by_spec: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self.plan, self.args = plan, (batch, seq, None if attention_mask is None else attention_mask.cpu(), device)
+        self._by_spec: dict[int, tuple[Tensor, Tensor | None, Tensor]] = {}
 
-    def _get(self, spec: Any) -> tuple[Tensor, Tensor | None]:
+    def _get(self, spec: Any) -> tuple[Tensor, Tensor | None, Tensor]:
         key = id(spec)
         if key not in self._by_spec:
             B, T, attention_mask, device = self.args
-            mask = position_mask(spec, B, T, attention_mask, device=device)
+            host = position_mask(spec, B, T, attention_mask, device="cpu")
             # select=None (every position) lets _datapoints take a view; decided once per spec and batch
-            self._by_spec[key] = (mask, None if bool(mask.all()) else mask)
+            select = None if bool(host.all()) else _to_device(host.reshape(-1).nonzero().squeeze(1), device)
+            self._by_spec[key] = (_to_device(host, device), select, host)
         return self._by_spec[key]
 
     def mask(self, hook: str) -> Tensor:
         return self._get(self.plan.positions_of(hook))[0]
 
     def select(self, hook: str) -> Tensor | None:
+        """Flat ``batch·pos`` indices of the hook's datapoints on the device (None: every position)."""
         return self._get(self.plan.positions_of(hook))[1]
 
     @property
     def observers(self) -> Tensor:
-        return self._get(self.plan.observer_positions)[0]
+        """The observers' mask, on the host (an observer moves what it needs, e.g. indices)."""
+        return self._get(self.plan.observer_positions)[2]
 
 
-def _to_device(tokens: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cuda":  # pinned host memory: an asynchronous copy
-        return tokens.pin_memory().to(device, non_blocking=True)
-    return tokens.to(device)
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; to CUDA from pinned memory, an asynchronous copy (no stream sync)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def run_batch(
@@ -130,8 +144,8 @@ def run_batch(
     device = _device(model)
     tokens = _to_device(batch.tokens, device)
     B, T = tokens.shape
-    attention_mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-    masks = _Masks(plan, B, T, attention_mask, device)
+    attention_mask = None if batch.attention_mask is None else _to_device(batch.attention_mask, device)
+    masks = _Masks(plan, B, T, batch.attention_mask, device)
     checks = _FiniteChecks()
     out: dict[tuple[str, str], AdditiveAccumulator] = {}
     observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
@@ -313,9 +327,9 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
                         "choose hooks before the output, or a later output"
                     )
                 # g: [probes, batch, pos, ...] → the selected datapoints of every probe
-                g = g.flatten(3)
+                g = g.flatten(3).flatten(1, 2)  # [probes, batch·pos, d]
                 select = masks.select(name)
-                g = g.reshape(-1, g.shape[-1]) if select is None else g[:, select].reshape(-1, g.shape[-1])
+                g = (g if select is None else g.index_select(1, select)).reshape(-1, g.shape[-1])
                 acc = GramAccumulator.from_batch(g, weight=weight)
                 jac[name] = acc if name not in jac else jac[name].add_(acc)
     for name, acc in jac.items():

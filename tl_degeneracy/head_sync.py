@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -70,19 +70,22 @@ class HeadSyncAccumulator(AdditiveAccumulator):
         B, H, Q, K = pattern.shape
         acc = cls.zeros(H, device=pattern.device)
         gram, tv = acc.tensors["gram"], acc.tensors["tv"]
-        mask = mask.to(pattern.device)
+        # which query chunks hold any datapoint, decided where the mask is (the host, in a collect)
         rows = max(1, _CHUNK_ELEMENTS // max(1, B * H * K))
-        for q0 in range(0, Q, rows):
+        starts = [q0 for q0 in range(0, Q, rows) if bool(mask[:, q0:q0 + rows].any())]
+        mask = mask.to(pattern.device, non_blocking=True)
+        # Half-precision patterns: the L1 distances in float32 (a sum of K terms in [0, 1] per row),
+        # every sum over rows in float64.
+        work = pattern.dtype if pattern.dtype in (torch.float64, torch.float32) else torch.float32
+        for q0 in starts:
             m = mask[:, q0:q0 + rows]
-            if not bool(m.any()):
-                continue
             # where(), not multiplication: padded query rows may hold NaN.
             a = torch.where(m[:, None, :, None], pattern[:, :, q0:q0 + rows].to(torch.float64), 0.0)
             gram += einsum(a, a, "b h q k, b g q k -> h g")
-            for h in range(H - 1):
-                # ½‖A_h − A_h'‖₁ for h' > h, one head at a time: memory stays one chunk.
-                tv[h, h + 1:] += 0.5 * (a[:, h:h + 1] - a[:, h + 1:]).abs().sum(dim=(0, 2, 3))
-        acc.tensors["tv"] = tv + tv.T
+            # ½‖A_h − A_g‖₁ of every head pair per query row: cdist holds no [h, g, k] differences
+            rows_hk = rearrange(a if work == torch.float64 else a.to(work), "b h q k -> (b q) h k")
+            tv += 0.5 * torch.cdist(rows_hk, rows_hk, p=1).to(torch.float64).sum(0)
+        acc.tensors["tv"] = tv
         acc.tensors["n"] = mask.sum().to(torch.int64)
         return acc
 
@@ -162,7 +165,8 @@ def blocks_below(
     idx = list(range(distance.shape[0])) if candidates is None else sorted(int(i) for i in candidates)
     if len(idx) < 2:
         return []
-    d = distance[idx][:, idx].to(torch.float64)
+    # a few heads or neurons: grouped on the host, wherever the statistics were summed
+    d = distance[idx][:, idx].to(device="cpu", dtype=torch.float64)
     d = torch.maximum(d, d.T)  # symmetric: the worse direction decides
     close = d <= threshold
     if linkage == "components":

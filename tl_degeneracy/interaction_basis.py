@@ -118,14 +118,14 @@ def fit_layer(
     mu = mean if center else torch.zeros_like(mean)
     D_all, U_all = _eigh_descending(G)
     if scaling == "identity":
-        eye = torch.eye(d, dtype=torch.float64)
-        return LayerBasis(hook, eye, eye, G.diagonal().clone(), D_all, torch.zeros(0, dtype=torch.float64), mu,
+        eye = torch.eye(d, dtype=torch.float64, device=G.device)
+        return LayerBasis(hook, eye, eye, G.diagonal().clone(), D_all, G.new_zeros(0), mu,
                           scaling, center, {}, n_datapoints)
     keep_D, d_threshold = _keep(D_all, rtol, atol)
     D, U = D_all[keep_D], U_all[keep_D]
     thresholds = {"activation": d_threshold, "rtol": rtol}
     if scaling == "pca":
-        return LayerBasis(hook, U, U.T.clone(), D, D_all, torch.zeros(0, dtype=torch.float64), mu,
+        return LayerBasis(hook, U, U.T.clone(), D, D_all, G.new_zeros(0), mu,
                           scaling, center, thresholds, n_datapoints)
     if M is None:
         raise ValueError(f"scaling={scaling!r} needs the Jacobian Gram at {hook}: collect with jacobians=True")

@@ -69,7 +69,7 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
             "fires": (p > 0).sum(0).to(torch.int64),
             "S": p.T @ p,
             "s": p.sum(0),
-            "n": torch.tensor(p.shape[0], dtype=torch.int64, device=p.device),
+            "n": torch.full((), p.shape[0], dtype=torch.int64, device=p.device),
         })
 
 
@@ -91,8 +91,10 @@ class NeuronSync(LayerObserver):
         out: Contribution = {}
         for l in self.layer_list:
             pre, post = cache[pre_hook(l)], cache[post_hook(l)]
-            m = mask.to(pre.device)
-            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(pre[m], post[m])
+            # indices found where the mask is (the host, in a collect), so the device never waits
+            idx = mask.reshape(-1).nonzero().squeeze(1).to(pre.device, non_blocking=True)
+            flat = [a.reshape(-1, a.shape[-1]).index_select(0, idx) for a in (pre, post)]
+            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(*flat)
         return out
 
 

@@ -153,7 +153,9 @@ def stream(
 
     stats = Stats(run=record, progress=Progress())
     if resume and ckpt_path is not None and ckpt_path.exists():
-        stats = Stats.load(ckpt_path, device="cpu")
+        # onto the model's device, where the running sums of an uninterrupted run live
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        stats = Stats.load(ckpt_path, device=device)
         if stats.run is None or stats.progress is None:
             raise CheckpointMismatchError(f"cannot resume from {ckpt_path}: it holds no run record or progress")
         check_resumable(stats.run.identity(), record.identity(), ckpt_path)

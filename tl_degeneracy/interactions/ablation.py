@@ -43,7 +43,7 @@ class AblationCurve:
 def by_variance(layer: LayerBasis) -> LayerBasis:
     """The model's own coordinates (``scaling="identity"``), ordered by their variance."""
     order = torch.argsort(layer.eigenvalues, descending=True)  # identity bases hold G's diagonal here
-    eye = torch.eye(layer.d, dtype=torch.float64)[order]
+    eye = torch.eye(layer.d, dtype=torch.float64, device=order.device)[order]
     return replace(layer, C=eye, C_pinv=eye.T.clone(), eigenvalues=layer.eigenvalues[order])
 
 
