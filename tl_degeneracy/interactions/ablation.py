@@ -51,9 +51,10 @@ def random_basis(layer: LayerBasis, seed: int = 0) -> LayerBasis:
     """An orthonormal basis of the same span as ``layer`` (PCA's: the activations' span), in random order."""
     gen = torch.Generator().manual_seed(seed)
     span = torch.linalg.qr(layer.C_pinv.to(torch.float64))[0]  # [d, k], orthonormal columns
+    # drawn on the host (the same rotation on every device), then moved to the basis
     rotation = torch.linalg.qr(torch.randn(layer.k, layer.k, generator=gen, dtype=torch.float64))[0]
-    Q = span @ rotation
-    return replace(layer, C=Q.T.contiguous(), C_pinv=Q, eigenvalues=torch.zeros(layer.k, dtype=torch.float64),
+    Q = span @ rotation.to(span.device)
+    return replace(layer, C=Q.T.contiguous(), C_pinv=Q, eigenvalues=Q.new_zeros(layer.k),
                    scaling="random")
 
 

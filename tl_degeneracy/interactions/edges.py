@@ -377,7 +377,7 @@ def graphs_from_stats(stats: Stats, config: EdgeConfig) -> dict[str, Interaction
         accs = [stats.accumulators[(f"{EDGES}:{name}", pair_name(a, b))]
                 for a, b in zip(config.nodes[:-1], config.nodes[1:])]
         graphs[name] = InteractionGraph(
-            basis=name, nodes=list(config.nodes), edges=[acc.edges for acc in accs],  # type: ignore[attr-defined]
+            basis=name, nodes=list(config.nodes), edges=[acc.edges.cpu() for acc in accs],  # type: ignore[attr-defined]
             n_datapoints=[int(acc.tensors["n"]) for acc in accs],
             meta={"run": stats.run.to_dict() if stats.run else None, "n_tokens": stats.n_tokens,
                   "scalings": [l.scaling for l in layers]})
