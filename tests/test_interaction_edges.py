@@ -116,6 +116,7 @@ def test_cross_position_terms_are_present(tiny_on, tiny_tokens, tiny_bases_on, d
     C_out, C_in_pinv = layer_out.C.to(device), layer_in.C_pinv.to(device)
     full = collect_edges(tiny, tokens, {"standard": tiny_bases["standard"]}, nodes, exact=True,
                          progress=False)["standard"].edges[0]
+    full = full.to(device)  # graphs hold their edges on the host
     local = torch.zeros_like(full)
     for row in tokens.to(device):
         _, cache = tiny.run_with_cache(row[None])

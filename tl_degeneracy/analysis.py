@@ -212,6 +212,9 @@ def analyze(model: HookedModel, data: Any, out: str | Path, *, config: AnalysisC
                     resume=resume, checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
                     progress=progress)
     stats.save(out / "stats.safetensors")
+    # A few d×d eigenproblems per hook: the fits and the report run on the host wherever the model is
+    # (a basis is moved to the model's device when it is spliced in).
+    stats.to("cpu")
     basis = InteractionBasis.fit(stats, hooks=basis_hooks, rtol=config.rtol)
     basis.save(out / "basis.safetensors")
     pca = InteractionBasis.fit(stats, hooks=basis_hooks, scaling="pca", rtol=config.rtol)

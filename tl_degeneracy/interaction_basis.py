@@ -78,7 +78,8 @@ class LayerBasis:
     def n_directions_for(self, fraction: float = 0.99) -> int:
         """Fewest leading directions carrying ``fraction`` of ``Σ Λ``."""
         cumulative = torch.cumsum(self.eigenvalues, 0) / self.eigenvalues.sum()
-        return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))) + 1
+        target = torch.full((), fraction, dtype=cumulative.dtype, device=cumulative.device)
+        return int(torch.searchsorted(cumulative, target)) + 1
 
     def fingerprint(self) -> str:
         """A short hash of ``C`` and ``μ`` (names this basis in a run identity)."""

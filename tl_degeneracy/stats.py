@@ -180,6 +180,12 @@ class Stats:
         if set(self.accumulators) != set(other.accumulators):
             raise ValueError("cannot merge Stats with different hooks or collectors")
 
+    def to(self, device: str | torch.device) -> Stats:
+        """Every accumulator on ``device`` (in place; returns self)."""
+        for acc in self.accumulators.values():
+            acc.to(device)
+        return self
+
     def merge(self, other: Stats) -> None:
         """Add ``other``'s sums into this object, **in place** (like ``dict.update``: returns None).
 
