@@ -2,9 +2,10 @@
 
 On the embedded default model: analyse 256 tokens (G and K per weight matrix), then sample
 N_eff(ε) = 2λ̂(ε) by SGLD for a few head matrices (each alone, the rest held at θ*) on the
-same tokens, and write a Markdown table (docs/llc.md §5). About 3–5 minutes on a 2-core CPU.
+same tokens, and write a Markdown table (docs/llc.md §5). About 10 minutes on one CPU thread
+with the defaults (a burn-in of 3000 steps: 3–5 relaxation times 1/(ηγ) of these matrices).
 
-    python examples/llc_per_matrix.py [--eps 1e-2] [--gamma 100] [--draws 200] [--out table.md]
+    python examples/llc_per_matrix.py [--eps 1e-2] [--gamma 100] [--burn-in 3000] [--draws 300] [--out table.md]
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--gamma", type=float, default=100.0)
     p.add_argument("--chains", type=int, default=2)
-    p.add_argument("--draws", type=int, default=200)
-    p.add_argument("--burn-in", type=int, default=150)
+    p.add_argument("--draws", type=int, default=300)
+    p.add_argument("--burn-in", type=int, default=3000)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--step-size", type=float, default=None, help="SGLD step η (default: chosen automatically)")
