@@ -160,3 +160,18 @@ def test_cuda_float64_accumulators_for_a_half_precision_model():
     assert stats.accumulators[("activations", HOOKS[0])].tensors["S"].dtype == torch.float64
     ref = tld.collect(tiny_model(seed=1, dtype=torch.float64, device="cpu"), _tokens(), HOOKS, progress=False)
     assert _rel(stats.gram(HOOKS[0]).cpu(), ref.gram(HOOKS[0])) < 3e-2
+
+
+def test_readout_factor_is_cached_until_a_weight_changes():
+    """W_U W_Uᵀ is formed once per model (59 GFLOP for GPT-2), and again after any in-place change."""
+    model = tiny_model(seed=3)
+    first = find_readout(model)
+    assert first is not None and find_readout(model) is first
+    W = model.W_U
+    param = next(p for p in model.parameters() if p.data_ptr() == W.data_ptr())
+    with torch.no_grad():
+        param.mul_(2.0)
+    again = find_readout(model)
+    assert again is not first
+    torch.testing.assert_close(again.factor @ again.factor.T, 4 * (first.factor @ first.factor.T), rtol=1e-10,
+                               atol=1e-10)
