@@ -56,28 +56,30 @@ def readout_factor(W: Float[Tensor, "d_model d_out"]) -> Float[Tensor, "d_model 
     return (vectors[keep].T * values[keep].sqrt()).contiguous()
 
 
-# find_readout's cache, keyed weakly by the model: W_U W_Uᵀ costs 2·d_model²·d_vocab float64 FLOPs
-# (59 GFLOP, ~2 s on two CPU cores for GPT-2), far more than a short collect itself.
-_READOUTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, LinearReadout | None]] = weakref.WeakKeyDictionary()
+# The factor's cache, keyed weakly by the model: W_U W_Uᵀ costs 2·d_model²·d_vocab float64 FLOPs
+# (59 GFLOP, ~1 s on two CPU cores for GPT-2), more than a short collect itself. The linearity
+# check is not cached: it is one tiny forward, and hooks added since can change the head.
+_FACTORS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _factor_of(model: HookedModel, W: Tensor) -> Tensor:
+    """``readout_factor(W)``, recomputed only when ``W`` is replaced or changed in place."""
+    key = (W.data_ptr(), W._version, tuple(W.shape), W.dtype, W.device)
+    cached = _FACTORS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, readout_factor(W))
+        _FACTORS[model] = cached
+    return cached[1]
 
 
 def find_readout(model: HookedModel) -> LinearReadout | None:
     """The model's unembedding as a linear read-out of ``unembed.hook_in``, checked numerically.
 
     None (vocabulary probes) when the model has no such hook or ``W_U``, or when its logits are
-    not ``r W_U + b_U`` on a probe input (a soft-capped or otherwise non-linear head). Cached per
-    model until a parameter is replaced or changed in place (as ``describe_model`` is).
+    not ``r W_U + b_U`` on a probe input (a soft-capped or otherwise non-linear head; checked on
+    every call, since hooks can change the head). The factor ``L`` is cached per model until
+    ``W_U`` is replaced or changed in place.
     """
-    key = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-    cached = _READOUTS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    readout = _find_readout(model)
-    _READOUTS[model] = (key, readout)
-    return readout
-
-
-def _find_readout(model: HookedModel) -> LinearReadout | None:
     hook_dict = getattr(model, "hook_dict", {})
     W = getattr(model, "W_U", None)
     if READOUT_HOOK not in hook_dict or not isinstance(W, Tensor) or W.ndim != 2:
@@ -101,6 +103,6 @@ def _find_readout(model: HookedModel) -> LinearReadout | None:
     rtol = CHECK_RTOL.get(logits.dtype, 1e-2)
     if float((rebuilt - logits).abs().max()) > rtol * scale:
         warnings.warn("the logits are not a linear read-out of unembed.hook_in on this model: Jacobian probes "
-                      "stay in the vocabulary basis", stacklevel=4)
+                      "stay in the vocabulary basis", stacklevel=3)
         return None
-    return LinearReadout(READOUT_HOOK, readout_factor(W))
+    return LinearReadout(READOUT_HOOK, _factor_of(model, W))
