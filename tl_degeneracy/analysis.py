@@ -225,6 +225,21 @@ def analyze(model: HookedModel, data: Any, out: str | Path, *, config: AnalysisC
     if not keep_checkpoint:
         checkpoint.unlink(missing_ok=True)  # as large as stats.safetensors, and now redundant
     return report
+def load_analysis(out: str | Path, model: HookedModel) -> tuple[AnalysisReport, Stats]:
+    """The report and statistics of the analysis folder ``out``, refused unless ``model`` is the
+    model it was analysed with (the follow-up analyses, interactions and SGLD, build on both)."""
+    from .generations import describe_model
+
+    out = Path(out)
+    report = AnalysisReport.load(out / "report.json")
+    stats = Stats.load(out / "stats.safetensors")
+    assert stats.run is not None
+    if describe_model(model) != stats.run.model:
+        raise ValueError(f"the model differs from the one {out} was analysed with (its identity card: config, "
+                         "weights checksum, dtype); pass the same model")
+    return report, stats
+
+
 def render(out: str | Path) -> Path:
     """(Re)draw ``plots/`` and ``report.html`` from the files ``analyze`` saved in ``out``."""
     from . import plots

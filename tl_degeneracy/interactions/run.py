@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ..data import iter_batches
-from ..generations import HookedModel, describe_model
+from ..generations import HookedModel
 from ..hook_names import residual_hooks
 from ..interaction_basis import InteractionBasis
-from ..stats import Stats, atomic_save_safetensors, read_safetensors_metadata
+from ..stats import atomic_save_safetensors, read_safetensors_metadata
 from .ablation import ablation_curves
 from .edges import collect_edges, pair_name
 from .graph import InteractionGraph
@@ -118,16 +118,12 @@ def interactions_analysis(model: HookedModel, data: Any, out: str | Path, config
                           *, resume: bool = False, progress: bool = True, keep_checkpoint: bool = False,
                           checkpoint_every: int = 10, checkpoint_seconds: float = 60.0) -> dict[str, Any]:
     """Edges, sparsity, modules and ablation curves for the analysis in ``out`` (see the module docstring)."""
-    from ..analysis import AnalysisReport
+    from ..analysis import load_analysis
 
     config = config or InteractionsConfig()
     out = Path(out)
-    report = AnalysisReport.load(out / "report.json")
-    stats = Stats.load(out / "stats.safetensors")
+    report, stats = load_analysis(out, model)
     assert stats.run is not None
-    if describe_model(model) != stats.run.model:
-        raise ValueError(f"the model differs from the one {out} was analysed with (its identity card: config, "
-                         "weights checksum, dtype); pass the same model")
     ib = InteractionBasis.load(out / "basis.safetensors")
     pca = InteractionBasis.load(out / "pca_basis.safetensors")
     nodes = list(config.nodes) if config.nodes else [h for h in residual_hooks(model) if h in ib.layers]

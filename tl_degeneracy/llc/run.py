@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..degeneracy_report import LOGITS, WeightMatrix, _unembed_K_eigs, weight_matrices
-from ..generations import HookedModel, describe_model
+from ..generations import HookedModel
 from ..linalg import psd_eigenvalues
 from ..stats import Stats
 from .config import LLCConfig, ParamSubset
@@ -149,15 +149,11 @@ def _part(result: NeffResult, kfac: KfacSpectra, gamma: float) -> dict[str, Any]
 def llc_analysis(model: HookedModel, data: Any, out: str | Path, config: LLCAnalysisConfig, *,
                  progress: bool = True) -> dict[str, Any]:
     """Sample ``N_eff(ε)`` for the analysis in ``out`` and write its section (see the module docstring)."""
-    from ..analysis import AnalysisReport
+    from ..analysis import load_analysis
 
     out = Path(out)
-    report = AnalysisReport.load(out / "report.json")
-    stats = Stats.load(out / "stats.safetensors")
+    report, stats = load_analysis(out, model)
     assert stats.run is not None
-    if describe_model(model) != stats.run.model:
-        raise ValueError(f"the model differs from the one {out} was analysed with (its identity card: config, "
-                         "weights checksum, dtype); pass the same model")
     context = stats.run.config.get("context")
     start = time.time()
     kfac = KfacSpectra(model, stats)
