@@ -5,8 +5,8 @@ last; Jacobians of the last-position logits; float64; the 3830 training pairs. O
 pass (positions per hook), then ``InteractionBasis.fit``. Each mode runs in a fresh subprocess
 so that its peak RSS is its own. Goals: exact ≤ 9 s, 4 probes ≤ 3 s, peak ≤ 1 GB (RIB: ~18 s).
 
-    python benchmarks/modadd_bases.py                 # exact and 4 probes, batch 250
-    python benchmarks/modadd_bases.py --batch-size 1000 --modes exact
+    python benchmarks/modadd_bases.py                 # exact and 4 probes, batch 1000
+    python benchmarks/modadd_bases.py --batch-size 250 --modes exact
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def one(mode: str, batch_size: int, threads: int, device: str = "cpu") -> dict[s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=["exact", "probes"], choices=["exact", "probes"])
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

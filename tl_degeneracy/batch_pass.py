@@ -5,6 +5,7 @@ out finite, so a bad batch never corrupts what was accumulated before it.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from .generations import HookedModel
 from .positions import position_mask
 from .probes import ProbeMap, batch_generator, exact_probes, random_probes
 from .stats import ACTIVATIONS, JACOBIANS
+from .tail_cut import TailCut, TailCutMismatch, outputs_agree, tail_cut
 
 
 class NonFiniteError(FloatingPointError):
@@ -25,18 +27,24 @@ class NonFiniteError(FloatingPointError):
 
 
 class _FiniteChecks:
-    """Finiteness of every accumulator of a batch, checked with one device sync per batch."""
+    """Finiteness of every accumulator of a batch (and the tail cut's agreement with the full
+    forward, when there is one), checked with one device sync per batch."""
 
     def __init__(self) -> None:
         self.items: list[tuple[Tensor, str, str]] = []
+        self.cut_agrees: Tensor | None = None
 
     def add(self, acc: GramAccumulator, what: str, hook: str) -> None:
         flag = torch.isfinite(acc.tensors["s"]).all() & torch.isfinite(acc.tensors["S"].diagonal()).all()
         self.items.append((flag, what, hook))
 
     def check(self, batch_index: int) -> None:
-        if not self.items or bool(torch.stack([flag for flag, _, _ in self.items]).all()):
+        flags = [flag for flag, _, _ in self.items] + ([] if self.cut_agrees is None else [self.cut_agrees])
+        if not flags or bool(torch.stack(flags).all()):
             return
+        if self.cut_agrees is not None and not bool(self.cut_agrees):
+            raise TailCutMismatch(f"the output with the tail cut to the output positions differs from the full "
+                                  f"forward's in batch {batch_index}")
         what, hook = next((w, h) for flag, w, h in self.items if not bool(flag))
         raise NonFiniteError(
             f"non-finite {what} (NaN or Inf) at hook point {hook!r} in batch {batch_index}; "
@@ -66,11 +74,13 @@ class _StopForward(Exception):
 
 
 def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[str, Any],
-                               fwd_hooks: list[tuple[str, Callable]], stop_early: bool) -> Tensor | None:
+                               fwd_hooks: list[tuple[str, Callable]], stop_early: bool,
+                               untracked: list[tuple[str, Callable]] | None = None) -> Tensor | None:
     """``model(tokens)`` under ``fwd_hooks``; with ``stop_early``, cut short after the last one fires.
 
     This skips what follows the last needed hook (the rest of its block, ln_final and the
     unembedding) on both TL generations — the bridge ignores ``stop_at_layer == n_layers``.
+    ``untracked`` hooks run after ``fwd_hooks`` at the same point and need not fire.
     Returns the model output, or None when stopped early.
     """
     pending = set(range(len(fwd_hooks)))  # by position: one hook point may carry several functions
@@ -86,7 +96,8 @@ def _forward_until_hooks_fired(model: HookedModel, tokens: Tensor, kwargs: dict[
         return hook
 
     try:
-        with model.hooks(fwd_hooks=[(name, tracked(i, fn)) for i, (name, fn) in enumerate(fwd_hooks)]):
+        hooks = [(name, tracked(i, fn)) for i, (name, fn) in enumerate(fwd_hooks)] + list(untracked or [])
+        with model.hooks(fwd_hooks=hooks):
             return model(tokens, **kwargs)
     except _StopForward:
         return None
@@ -176,6 +187,19 @@ def run_batch(
         checks.check(batch_index)
         return out
 
+    assert plan.jacobians is not None
+    cut = tail_cut(model, plan.jacobians, T, device)
+    if cut is not None:
+        try:
+            _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, out, checks, cut)
+            checks.check(batch_index)
+            return out
+        except RuntimeError as err:  # a shape error inside the cut forward, or TailCutMismatch
+            warnings.warn(f"exact Jacobians: this model does not allow cutting the tail to the output positions "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the batch "
+                          "is run in full instead (correct, slower)", RuntimeWarning, stacklevel=2)
+            out.clear()
+            checks = _FiniteChecks()
     _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, out, checks)
     checks.check(batch_index)
     return out
@@ -235,9 +259,10 @@ def _probe_grads(z: Tensor, inputs: list[Tensor], chunk: list[Tensor] | Tensor) 
 
 
 def _output_of(logits: Tensor | None, captured: dict[str, Tensor], settings: JacobianConfig,
-               readout_hook: str | None, attention_mask: Tensor | None = None) -> Tensor:
+               readout_hook: str | None, attention_mask: Tensor | None = None, cut: TailCut | None = None) -> Tensor:
     """The output ``z`` whose Jacobians are taken: logits, a callable of them, a hook (optionally
-    transformed), or the unembedding's input ``r`` when probes live in the residual basis."""
+    transformed), or the unembedding's input ``r`` when probes live in the residual basis.
+    With a tail ``cut`` the positions are the cut's (already the output positions)."""
     if readout_hook is not None:
         z = captured[readout_hook]
     elif settings.output_hook is None:
@@ -247,29 +272,47 @@ def _output_of(logits: Tensor | None, captured: dict[str, Tensor], settings: Jac
         z = captured[settings.output_hook]
         if settings.output_transform is not None:
             z = settings.output_transform(_flat(z))
+    if cut is not None:
+        z = cut.output(z)
+        if attention_mask is not None:
+            attention_mask = attention_mask.index_select(1, cut.kept)
     if attention_mask is not None and not callable(settings.output):
         # Padded output rows carry no behavioral loss: without this, probes on them leak
         # gradient into the real positions they attend to.
         z = z * attention_mask.to(z.dtype).reshape(*attention_mask.shape, *([1] * (z.ndim - 2)))
-    if settings.output_positions is not None:  # a callable output cannot have them (JacobianConfig)
+    if settings.output_positions is not None and cut is None:  # a callable output cannot have them
         pos_mask = position_mask(settings.output_positions, z.shape[0], z.shape[1], device=z.device)
         z = z[:, pos_mask[0]]
     return z
 
 
+# On the CPU a chunk's largest temporary is kept under glibc's 32 MiB mmap threshold, past which
+# every allocation is fresh pages from the OS and page-faults on first touch. Mod-add exact Grams
+# (batch 250): chunk 50 took 23 s with 7 M minor faults, chunk 6 took 12 s.
+_CPU_TEMPORARY_BYTES = 16 * 2**20
+
+
 def _probe_chunk(settings: JacobianConfig, z: Tensor, inputs: list[Tensor]) -> int:
-    """Probes per vmapped backward pass: as many as the memory budget holds (1 to 64)."""
+    """Probes per vmapped backward pass: as many as the memory budget holds (1 to 64); on the CPU
+    also few enough that the largest temporary (≈ 4× the largest activation: an MLP's hidden
+    layer) stays small."""
     if settings.probe_chunk is not None:
         return settings.probe_chunk
     per_probe = (z.numel() + sum(x.numel() for x in inputs)) * z.element_size() * 2  # grads + their float64 view
     budget = settings.chunk_budget_bytes
+    chunk = 64
     if z.device.type == "cuda":
         budget = max(budget, torch.cuda.mem_get_info(z.device)[0] // 2)
-    return int(max(1, min(64, budget // max(per_probe, 1))))
+    else:
+        largest = 4 * max(x.numel() for x in [z, *inputs]) * z.element_size()
+        chunk = min(chunk, _CPU_TEMPORARY_BYTES // max(largest, 1))
+    return int(max(1, min(chunk, budget // max(per_probe, 1))))
 
 
 def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunConfig, batch_index: int,
-                              kwargs: dict, out: dict, checks: _FiniteChecks) -> None:
+                              kwargs: dict, out: dict, checks: _FiniteChecks, cut: TailCut | None = None) -> None:
+    """Activation Grams, observers and probe gradients of one batch. With a tail ``cut`` the
+    activations come from a full forward without a graph, and the graph's forward is cut."""
     settings = plan.jacobians
     assert settings is not None
     readout = plan.readout if settings.probe_space is ProbeSpace.RESIDUAL else None
@@ -289,19 +332,38 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
     output_hook = readout.hook if readout is not None else settings.output_hook
     extra = [output_hook] if output_hook is not None else []
     names = list(dict.fromkeys([*plan.hooks, *observer_hooks, *extra]))
-    with torch.enable_grad(), _ParamsRequireGrad(model):
-        # Output at a hook (local analysis, or the unembedding's input): nothing after it is run.
-        logits = _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in names],
-                                            stop_early=bool(extra))
-        z = _output_of(logits, captured, settings, None if readout is None else readout.hook,
-                       kwargs.get("attention_mask"))
+    readout_hook = None if readout is None else readout.hook
+    attention_mask = kwargs.get("attention_mask")
 
+    def activations() -> None:
         for name in plan.hooks:
             acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), masks.select(name)))
             checks.add(acc, "activations", name)
             out[(ACTIVATIONS, name)] = acc
         for obs in plan.observers:
             out.update(obs.compute({k: v.detach() for k, v in captured.items()}, masks.observers))
+
+    z_full = None
+    if cut is not None:
+        with torch.no_grad():
+            logits = _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in names],
+                                                stop_early=bool(extra))
+            z_full = _output_of(logits, captured, settings, readout_hook, attention_mask)
+        activations()
+        captured.clear()
+        names = list(dict.fromkeys([*plan.jacobian_hooks, *extra]))
+    with torch.enable_grad(), _ParamsRequireGrad(model):
+        # Output at a hook (local analysis, or the unembedding's input): nothing after it is run.
+        logits = _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in names],
+                                            stop_early=bool(extra), untracked=None if cut is None else cut.fwd_hooks())
+        z = _output_of(logits, captured, settings, readout_hook, attention_mask, cut)
+        if cut is None:
+            activations()
+        else:
+            assert z_full is not None
+            if z.shape != z_full.shape:
+                raise TailCutMismatch(f"the cut output has shape {tuple(z.shape)}, the full one {tuple(z_full.shape)}")
+            checks.cut_agrees = outputs_agree(z, z_full)
 
         loss = settings.behavioral_loss
         if readout is not None:
@@ -327,6 +389,7 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
                         "choose hooks before the output, or a later output"
                     )
                 # g: [probes, batch, pos, ...] → the selected datapoints of every probe
+                g = g if cut is None else cut.restore(g)
                 g = g.flatten(3).flatten(1, 2)  # [probes, batch·pos, d]
                 select = masks.select(name)
                 g = (g if select is None else g.index_select(1, select)).reshape(-1, g.shape[-1])
