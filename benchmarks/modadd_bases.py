@@ -4,6 +4,8 @@
 last; Jacobians of the last-position logits; float64; the 3830 training pairs. One ``collect``
 pass (positions per hook), then ``InteractionBasis.fit``. Each mode runs in a fresh subprocess
 so that its peak RSS is its own. Goals: exact ≤ 9 s, 4 probes ≤ 3 s, peak ≤ 1 GB (RIB: ~18 s).
+Measured on the 2-core CPU: 12.3 s exact (the floor of its matrix products alone is 9–10 s
+there; benchmarks/README.md), 0.93 s with 4 probes, about 0.6 GB.
 
     python benchmarks/modadd_bases.py                 # exact and 4 probes, batch 1000
     python benchmarks/modadd_bases.py --batch-size 250 --modes exact
