@@ -52,8 +52,9 @@ def _uncut(monkeypatch, *args, **kwargs) -> tld.Stats:
 
 @pytest.mark.parametrize("output_positions", [[-1], [4]], ids=["last", "middle"])
 @pytest.mark.parametrize("space", ["residual", "vocabulary"])
-def test_the_cut_gives_the_uncut_exact_gram_at_every_hook_and_position(output_positions, space, cuts, monkeypatch):
-    model = tiny_model(seed=2)
+def test_the_cut_gives_the_uncut_exact_gram_at_every_hook_and_position(output_positions, space, cuts, monkeypatch,
+                                                                       device):
+    model = tiny_model(seed=2, device=device)
     tokens = torch.randint(0, 23, (6, 9), generator=torch.Generator().manual_seed(3))
     jac = tld.JacobianConfig(exact=True, output_positions=output_positions, probe_space=space)
     kw = dict(jacobians=jac, batch_size=4, progress=False)
