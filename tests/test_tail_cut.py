@@ -119,10 +119,9 @@ def test_a_tail_that_mixes_positions_is_noticed_and_run_in_full(monkeypatch):
 
 def test_no_cut_where_it_cannot_pay_or_apply():
     model = tiny_model(seed=2)
-    cpu = torch.device("cpu")
-    assert tail_cut(model, tld.JacobianConfig(exact=True, output_positions=[-1]), 9, cpu) is not None
-    assert tail_cut(model, tld.JacobianConfig(n_probes=4, output_positions=[-1]), 9, cpu) is None  # probes
-    assert tail_cut(model, tld.JacobianConfig(exact=True), 9, cpu) is None  # every position is read
-    assert tail_cut(model, tld.JacobianConfig(exact=True, output_positions=[0, -1]), 9, cpu) is None
+    assert tail_cut(model, tld.JacobianConfig(exact=True, output_positions=[-1]), 9) is not None
+    assert tail_cut(model, tld.JacobianConfig(n_probes=4, output_positions=[-1]), 9) is None  # probes
+    assert tail_cut(model, tld.JacobianConfig(exact=True), 9) is None  # every position is read
+    assert tail_cut(model, tld.JacobianConfig(exact=True, output_positions=[0, -1]), 9) is None
     local = tld.JacobianConfig(exact=True, output="blocks.0.hook_resid_post", output_positions=[-1])
-    assert tail_cut(model, local, 9, cpu) is None  # an output hook may sit before the last block
+    assert tail_cut(model, local, 9) is None  # an output hook may sit before the last block

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,10 @@ from .tail_cut import TailCut, TailCutMismatch, outputs_agree, tail_cut
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf in an activation or gradient; names the hook point and the batch."""
+
+
+class NoGradientError(RuntimeError):
+    """The output does not depend on a Jacobian hook point: nothing would reach its ``M``."""
 
 
 class _FiniteChecks:
@@ -188,12 +193,15 @@ def run_batch(
         return out
 
     assert plan.jacobians is not None
-    cut = tail_cut(model, plan.jacobians, T, device)
+    cut = tail_cut(model, plan.jacobians, T)
     if cut is not None:
+        cut = replace(cut, kept=_to_device(cut.kept, device))
         try:
             _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, out, checks, cut)
             checks.check(batch_index)
             return out
+        except NoGradientError:
+            raise  # the user's hook choice, not the cut: the full run would raise it too
         except RuntimeError as err:  # a shape error inside the cut forward, or TailCutMismatch
             warnings.warn(f"exact Jacobians: this model does not allow cutting the tail to the output positions "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the batch "
@@ -384,7 +392,7 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
         for chunk in _chunks(probes, _probe_chunk(settings, z, inputs)):
             for name, g in zip(plan.jacobian_hooks, _probe_grads(z, inputs, chunk)):
                 if g is None:
-                    raise RuntimeError(
+                    raise NoGradientError(
                         f"the output does not depend on hook point {name!r} (no gradient reaches it); "
                         "choose hooks before the output, or a later output"
                     )

@@ -1,4 +1,4 @@
-"""Exact mode's backward passes cut to the output positions after the last attention layer.
+"""Exact mode's backward passes cut to the output position after the last attention layer.
 
 After the last attention layer mixes positions (its ``hook_z``), a transformer is position-wise:
 the output at position ``t`` reads the other positions only through that mixing. When only one
@@ -61,10 +61,6 @@ class TailCut:
     seq_len: int
     fired: list[str] = field(default_factory=list)
 
-    @property
-    def k(self) -> int:
-        return int(self.kept.numel())
-
     def hook(self, act: Tensor, hook: Any) -> Tensor:
         if act.ndim >= 3 and act.shape[1] == self.seq_len:
             self.fired.append(getattr(hook, "name", "?"))
@@ -86,7 +82,7 @@ class TailCut:
         return z.index_select(1, self.kept) if z.shape[1] == self.seq_len else z
 
 
-def tail_cut(model: HookedModel, settings: JacobianConfig, seq_len: int, device: torch.device) -> TailCut | None:
+def tail_cut(model: HookedModel, settings: JacobianConfig, seq_len: int) -> TailCut | None:
     """The cut for one batch, or None where it does not apply: not exact mode (a few probes do not
     pay for the reference forward), an output other than the logits (a hook output may sit before
     the last block), more than one output position (a cut branch of length k > 1 cannot be added
@@ -97,7 +93,7 @@ def tail_cut(model: HookedModel, settings: JacobianConfig, seq_len: int, device:
     points = _cut_points(model)
     if int(kept.sum()) != 1 or seq_len == 1 or not points:
         return None
-    return TailCut(tuple(points), kept.nonzero().squeeze(1).to(device), seq_len)
+    return TailCut(tuple(points), kept.nonzero().squeeze(1), seq_len)  # on the host: the caller moves it
 
 
 def outputs_agree(cut: Tensor, full: Tensor) -> Tensor:
