@@ -39,7 +39,7 @@ def main() -> None:
         done = time.perf_counter()
         if args.interactions:
             from tl_degeneracy.analysis import render
-            from tl_degeneracy.interactions.run import interactions_analysis
+            from tl_degeneracy.analysis.interactions import interactions_analysis
 
             section = interactions_analysis(model, data, out, progress=False)
             stages["edges"] = section["edge_seconds"]

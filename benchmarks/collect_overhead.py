@@ -60,7 +60,7 @@ def gram_raw(xs: list[torch.Tensor]) -> None:
 
 def gram_lib(acts: list[torch.Tensor], mask: torch.Tensor) -> None:
     """What collect's hook does per hook point, on a stand-in activation."""
-    from tl_degeneracy.accumulators import GramAccumulator
+    from tl_degeneracy.collection.accumulators import GramAccumulator
 
     for act in acts:
         acc = GramAccumulator.from_batch(act.reshape(act.shape[0], act.shape[1], -1)[mask])
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         last["stats"] = tl_degeneracy.collect(model, tokens, "blocks.*.hook_resid_pre", batch_size=B, progress=False)
 
     # the breakdown items, over the same batches (stand-in activations for the Gram work)
-    from tl_degeneracy.batch_pass import _forward_until_hooks_fired
+    from tl_degeneracy.forward import forward_until
 
     def noop(act: torch.Tensor, hook: Any) -> None:
         return None
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """collect's own forward: no-op hooks, cut short once the last one has fired."""
         with torch.no_grad():
             for b in batches:
-                _forward_until_hooks_fired(model, b, {}, [(h, noop) for h in hooks], stop_early=True)
+                forward_until(model, b, {}, [(h, noop) for h in hooks], stop_early=True)
 
     def forward_early_stop() -> None:
         """The forward collect *could* run: stop as soon as the last hook has fired."""

@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sample = args.sample or (16 if args.quick else 64)
 
     import tl_degeneracy as tld
-    from tl_degeneracy.accumulators import GramAccumulator
-    from tl_degeneracy.batch_pass import _chunks, _probe_chunk, _probe_grads
-    from tl_degeneracy.probes import ProbeMap, exact_probes
-    from tl_degeneracy.readout import find_readout
+    from tl_degeneracy.collection.accumulators import GramAccumulator
+    from tl_degeneracy.collection.batch_pass import chunked, probe_chunk_size
+    from tl_degeneracy.collection.probes import ProbeMap, exact_probes
+    from tl_degeneracy.collection.readout import find_readout
+    from tl_degeneracy.forward import batched_vjp
 
     cfg = model_config(args.preset, args.layers)
     L, V, B, T = cfg["n_layers"], cfg["d_vocab"], args.batch_size, args.context
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run(path: str) -> None:
         z, space = paths[path]
         probes = itertools.islice(exact_probes(z, space), sample)
-        for chunk in _chunks(probes, _probe_chunk(jac, z, inputs)):
-            for g in _probe_grads(z, inputs, chunk):
+        for chunk in chunked(probes, probe_chunk_size(jac, z, inputs)):
+            for g in batched_vjp(z, inputs, chunk):
                 assert g is not None
                 GramAccumulator.from_batch(g.flatten(3).reshape(-1, g.shape[-1]))
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = finish_args(parser.parse_args(argv))
     sample = args.sample or (16 if args.quick else 64)
 
-    from tl_degeneracy.interaction_basis import fit_layer
+    from tl_degeneracy.basis import fit_layer
     from tl_degeneracy.interactions.edges import (
         EdgeConfig,
         _pair_contributions_backward,

@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     S = args.probes
 
     import tl_degeneracy
+    from tl_degeneracy.collection.probes import ProbeMap, random_probes
+    from tl_degeneracy.collection.readout import find_readout
     from tl_degeneracy.generations import describe_model
-    from tl_degeneracy.probes import ProbeMap, random_probes
-    from tl_degeneracy.readout import find_readout
 
     cfg = model_config(args.preset, args.layers)
     L, d, V, B, T = cfg["n_layers"], cfg["d_model"], cfg["d_vocab"], args.batch_size, args.context

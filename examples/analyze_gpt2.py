@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import tl_degeneracy as tld
+from tl_degeneracy.basis import InteractionBasis
 from tl_degeneracy.default_model import default_text_dataset, load_model_or_default
-from tl_degeneracy.interaction_basis import InteractionBasis
 
 
 def load_model(name: str, device: str | None) -> tuple[torch.nn.Module, str]:

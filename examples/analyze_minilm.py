@@ -45,8 +45,8 @@ if __name__ == "__main__":  # as a script, before transformers is imported: neve
 import torch  # noqa: E402
 
 import tl_degeneracy as tld  # noqa: E402
-from tl_degeneracy.head_sync import head_sync_matrices, synchronized_heads  # noqa: E402
-from tl_degeneracy.interaction_basis import InteractionBasis  # noqa: E402
+from tl_degeneracy.basis import InteractionBasis  # noqa: E402
+from tl_degeneracy.sync.heads import head_sync_matrices, synchronized_heads  # noqa: E402
 
 N_LAYERS = 6
 RESID_HOOKS = [f"blocks.{l}.hook_resid_pre" for l in range(N_LAYERS)]

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from tl_degeneracy.analysis import analyze
-from tl_degeneracy.cli import load_text_dataset
-from tl_degeneracy.default_model import load_default_model
+from tl_degeneracy.analysis.llc import relax_steps
+from tl_degeneracy.collection.stats import Stats
+from tl_degeneracy.data import whole_rows
+from tl_degeneracy.default_model import default_text_dataset, load_default_model
+from tl_degeneracy.degeneracy import KfacSpectra
 from tl_degeneracy.llc import ParamSubset, estimate_neff
-from tl_degeneracy.llc.run import KfacSpectra, _first_tokens, relax_steps, tl_name
-from tl_degeneracy.stats import Stats
 
 MATRICES = [("blocks.1.attn.W_V", 0), ("blocks.1.attn.W_O", 0), ("blocks.3.attn.W_V", 0)]
 
@@ -38,12 +39,13 @@ def main() -> None:
     args = p.parse_args()
     start = time.time()
     model = load_default_model()
-    data = load_text_dataset(None)
+    data = default_text_dataset()
     cut = args.gamma * args.eps
     with tempfile.TemporaryDirectory() as folder:
         analyze(model, data, folder, max_tokens=args.tokens, context=args.context, progress=False)
         kfac = KfacSpectra(model, Stats.load(Path(folder) / "stats.safetensors"))
-    tokens = _first_tokens(data, model, args.tokens, args.context)
+    tokens = whole_rows(data, model, args.tokens, args.context, at_most=True)
+    assert tokens is not None
     lines = [f"ε = {args.eps:g}, γ = {args.gamma:g} (cut-off γε = {cut:g}); {tokens.numel()} tokens of the embedded "
              f"text for both; {args.chains} chains × {args.draws} draws after {args.burn_in} burn-in steps, "
              "step size chosen automatically.", "",
@@ -56,12 +58,12 @@ def main() -> None:
                                progress=False)
         s = result.scale(args.eps)
         label = f"{name}[{head}]"
-        ((w, g, k),) = [(w, g, k) for w, g, k in kfac.matrices if tl_name(w) == label]
+        ((g, k),) = [(m.g, m.k) for m in kfac.matrices if m.weight.tl_name == label]
         prod = (g[:, None] * k[None, :]).flatten()
         hard = int((prod > cut).sum())
         soft = float((prod / (prod + cut)).sum())
         rank = int((prod > 1e-8 * float(prod.max())).sum())
-        relax = relax_steps({"step_size": s.step_size}, args.gamma)
+        relax = relax_steps(s, args.gamma)
         drifted = [c.n_eff for c in s.chains if c.status == "drifted"]
         value = (f"{s.n_eff:.1f} ± {s.standard_error:.1f}" if s.kept else
                  f"– (drifted; ≥ {sum(drifted) / len(drifted):.1f})" if drifted else "–")

@@ -13,7 +13,7 @@ import time
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.interaction_basis import InteractionBasis
+from tl_degeneracy.basis import InteractionBasis
 from tl_degeneracy.testing import modadd_dataset, modadd_model
 
 

@@ -18,7 +18,7 @@ def test_pretrained_name_without_hub_fails_clearly(capsys, tmp_path, monkeypatch
 
 @pytest.mark.skipif(hub_reachable(timeout=1.0), reason="the hub is reachable here: nothing to test")
 def test_dataset_name_without_hub_fails_clearly(tmp_path):
-    from tl_degeneracy.cli import UsageError, load_text_dataset
+    from tl_degeneracy.cli.common import UsageError, load_text_dataset
 
     with pytest.raises(UsageError, match="local text/JSON/parquet"):
         load_text_dataset("surely/not-a-local-path")
@@ -27,7 +27,7 @@ def test_dataset_name_without_hub_fails_clearly(tmp_path):
 def test_local_text_file_through_datasets(tmp_path):
     """A local .txt file goes through `datasets` and the model's tokenizer into collect."""
     import tl_degeneracy as tld
-    from tl_degeneracy.cli import load_text_dataset
+    from tl_degeneracy.cli.common import load_text_dataset
     from tl_degeneracy.default_model import load_default_model
 
     text = tmp_path / "book.txt"

@@ -16,11 +16,12 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy import cli
+from tl_degeneracy.cli import common as cli_common
 from tl_degeneracy.cli import main
 
 OUT = "out/run"  # every analyze row writes here unless it names its own --out; none may create it
 
-_real_load_model = cli.load_model
+_real_load_model = cli_common.load_model
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,7 +33,7 @@ def _embedded_model():
 
 def _cached_load_model(name, dtype, device):
     """The embedded model loaded once for the whole module (rows that reach the model are many)."""
-    if name is None and dtype == torch.float32 and device is None:
+    if name is None and dtype == "float32" and device is None:
         return _embedded_model()
     return _real_load_model(name, dtype, device)
 
@@ -57,7 +58,7 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "mixed" / "b.csv").write_text("text\nmore text\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli, "load_model", _cached_load_model)
+    monkeypatch.setattr(cli_common, "load_model", _cached_load_model)
     return tmp_path
 
 
@@ -145,7 +146,7 @@ def test_unwritable_out_is_refused_before_anything(workspace, capsys, monkeypatc
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == readonly
                         else real_access(p, mode, **kw))
-    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(cli_common, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
     assert main(["analyze", "--out", "readonly/run/deeper"]) == 2
     err = capsys.readouterr().err
     assert_one_error_paragraph(err)
@@ -169,7 +170,7 @@ def test_read_only_out_is_refused(workspace, capsys):
 
 def test_error_during_collection_removes_created_folders(workspace, capsys, monkeypatch):
     """A library error raised after analyze created --out: exit 2, and the empty folders go."""
-    monkeypatch.setattr(cli, "load_text_dataset", lambda spec: [])  # collect: EmptyDataError
+    monkeypatch.setattr(cli_common, "load_text_dataset", lambda spec: [])  # collect: EmptyDataError
     assert main(["analyze", "--tokens", "64", "--context", "32", "--out", OUT]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -182,7 +183,7 @@ def test_ctrl_c_before_collection_does_not_advise_resume(workspace, capsys, monk
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_model", interrupted)
+    monkeypatch.setattr(cli_common, "load_model", interrupted)
     assert main(["analyze", "--out", OUT]) == 130
     err = capsys.readouterr().err
     assert "interrupted before anything was collected" in err
@@ -194,7 +195,7 @@ def test_sigterm_before_collection_exits_143(workspace, capsys, monkeypatch):
     def terminated(*args):
         raise tld.Terminated("signal 15")
 
-    monkeypatch.setattr(cli, "load_model", terminated)
+    monkeypatch.setattr(cli_common, "load_model", terminated)
     assert main(["analyze", "--out", OUT]) == 143
     err = capsys.readouterr().err
     assert "before anything was collected" in err and "--resume" not in err

@@ -352,15 +352,15 @@ def test_stats_module_itself_depends_on_no_observer():
         pkg = types.ModuleType('tl_degeneracy')
         pkg.__path__ = [{str(REPO / 'tl_degeneracy')!r}]
         sys.modules['tl_degeneracy'] = pkg
-        import tl_degeneracy.stats
+        import tl_degeneracy.collection.stats
         loaded = sorted(m for m in sys.modules if m.startswith('tl_degeneracy.'))
-        assert 'tl_degeneracy.head_sync' not in loaded and 'tl_degeneracy.neuron_sync' not in loaded, loaded
+        assert 'tl_degeneracy.sync.heads' not in loaded and 'tl_degeneracy.sync.neurons' not in loaded, loaded
     """)
     assert result.returncode == 0, result.stderr[-3000:]
-    tree = ast.parse((REPO / "tl_degeneracy" / "stats.py").read_text())
+    tree = ast.parse((REPO / "tl_degeneracy" / "collection" / "stats.py").read_text())
     imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
-    assert not [m for m in imported if "head_sync" in m or "neuron_sync" in m], imported  # not even lazily
+    assert not [m for m in imported if "sync" in m], imported  # not even lazily
     assert not hasattr(Stats, "head_sync") and not hasattr(Stats, "neuron_sync")
 
 
@@ -389,7 +389,8 @@ def _count_head_sync_results(tree) -> int:
 @pytest.mark.models
 @pytest.mark.slow
 def test_analyze_report_stores_synchronisation_once(tiny, tiny_tokens, tmp_path):
-    from tl_degeneracy.analysis import CHECKPOINT_NAME, analyze
+    from tl_degeneracy.analysis import analyze
+    from tl_degeneracy.analysis.files import CHECKPOINT_FILE as CHECKPOINT_NAME
 
     out = tmp_path / "run"
     analyze(tiny, tiny_tokens, out, max_tokens=120, batch_size=5, progress=False, dataset="tiny test tokens")
@@ -427,7 +428,8 @@ def test_analyze_report_stores_synchronisation_once(tiny, tiny_tokens, tmp_path)
 @pytest.mark.models
 @pytest.mark.slow
 def test_analyze_keeps_the_checkpoint_when_asked(tiny, tiny_tokens, tmp_path):
-    from tl_degeneracy.analysis import CHECKPOINT_NAME, analyze
+    from tl_degeneracy.analysis import analyze
+    from tl_degeneracy.analysis.files import CHECKPOINT_FILE as CHECKPOINT_NAME
 
     out = tmp_path / "run"
     analyze(tiny, tiny_tokens, out, max_tokens=60, batch_size=5, progress=False, keep_checkpoint=True)
@@ -470,7 +472,7 @@ def test_the_convention_is_not_numpy_s():
 
 
 def test_value_ranks_use_the_convention():
-    from tl_degeneracy.head_sync import value_ranks
+    from tl_degeneracy.sync.heads import value_ranks
 
     W_V = torch.stack([_planted([1.0, 1e-3, 1e-5, 1e-7], m=16, seed=s) for s in range(3)])  # [head, d_model, d_head]
     model = SimpleNamespace(blocks=[SimpleNamespace(attn=SimpleNamespace(W_V=W_V))])
@@ -480,7 +482,7 @@ def test_value_ranks_use_the_convention():
 
 
 def test_span_dim_uses_the_convention():
-    from tl_degeneracy.neuron_sync import span_dim
+    from tl_degeneracy.sync.neurons import span_dim
 
     W = _planted([1.0, 1e-3, 1e-5], m=9)
     gram = W @ W.T  # eigenvalues 1, 1e-6, 1e-10 (and zeros)
@@ -491,8 +493,8 @@ def test_span_dim_uses_the_convention():
 @pytest.mark.models
 def test_degeneracy_counts_use_the_convention(tiny):
     """A planted G at the unembedding's input: eigenvalues 1, 1e-6, 1e-10, 0, …: rank_G = 2 at rtol 1e-8."""
-    from tl_degeneracy.accumulators import GramAccumulator
-    from tl_degeneracy.degeneracy_report import weight_matrices
+    from tl_degeneracy.collection.accumulators import GramAccumulator
+    from tl_degeneracy.degeneracy import weight_matrices
 
     W_U = next(w for w in weight_matrices(tiny) if w.name == "W_U")
     d = W_U.d_in

@@ -61,8 +61,8 @@ def test_modadd_statistics_agree_across_generations(modadd_dir):
 def test_edits_at_resid_mid_reach_the_skip_path_on_both_generations():
     """On the bridge hook_resid_mid is ln2.hook_in; the splice carries edits to the skip path too,
     so an edit there changes the logits exactly as on a HookedTransformer."""
-    from tl_degeneracy.interaction_basis import InteractionBasis
-    from tl_degeneracy.splice import splice
+    from tl_degeneracy.basis import InteractionBasis
+    from tl_degeneracy.basis.splice import splice
 
     model = tiny_model(seed=0)
     tokens = torch.randint(0, 23, (16, 12), generator=torch.Generator().manual_seed(2))
@@ -76,7 +76,7 @@ def test_edits_at_resid_mid_reach_the_skip_path_on_both_generations():
 
     with splice(model, basis):
         edited = model.run_with_hooks(tokens, fwd_hooks=[(f"{hook}.hook_ib", zero_top)]).detach()
-    from tl_degeneracy.accumulators import GramAccumulator
+    from tl_degeneracy.collection.accumulators import GramAccumulator
 
     assert stats.run is not None
     as_stats = tld.Stats({("activations", "edited_logits"): GramAccumulator.from_batch(edited.reshape(-1, 23))},

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import jacrev
 
 from tl_degeneracy import HeadSync, JacobianConfig, NeuronSync, collect
-from tl_degeneracy.degeneracy_report import (
+from tl_degeneracy.degeneracy import (
     DegeneracyReport,
     degeneracy_hooks,
     degeneracy_report,

@@ -104,8 +104,8 @@ def test_analyze_gpt2(runs):
 
     folder = runs["work"] / "out"
     from tl_degeneracy import DegeneracyReport, Stats
-    from tl_degeneracy.head_sync import SynchronizedHeads
-    from tl_degeneracy.neuron_sync import SynchronizedNeurons
+    from tl_degeneracy.sync.heads import SynchronizedHeads
+    from tl_degeneracy.sync.neurons import SynchronizedNeurons
 
     report = DegeneracyReport.from_json((folder / "report.json").read_text())
     assert report.totals.nominal_weights == nominal["total"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tl_degeneracy import HeadSync, Stats, collect
-from tl_degeneracy import head_sync as hs
 from tl_degeneracy.generations import model_from_tl_state_dict
+from tl_degeneracy.sync import heads as hs
 from tl_degeneracy.testing import random_tl_state_dict, tiny_config
 
 N_HEADS, D_HEAD, D_MODEL, VOCAB, CTX = 4, 4, 16, 23, 12

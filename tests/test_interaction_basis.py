@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tl_degeneracy as tld
-from tl_degeneracy.interaction_basis import InteractionBasis, fit_layer
+from tl_degeneracy.basis import InteractionBasis, fit_layer
 
 pytestmark = pytest.mark.models
 

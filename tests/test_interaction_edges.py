@@ -8,8 +8,8 @@ import torch
 from deep_linear import DeepLinear
 
 import tl_degeneracy as tld
+from tl_degeneracy.hook_names import bridge_resid_mid_partner
 from tl_degeneracy.interactions import EdgeConfig, collect_edges, node_bases
-from tl_degeneracy.splice import _bridge_resid_mid_partner
 from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
@@ -21,7 +21,7 @@ def _segment(model, tokens, source, target):
     On a bridge ``hook_resid_mid`` is ``ln2.hook_in``: the replacement must reach the skip path
     too, which ``hook_mlp_out`` carries (as the splice does it).
     """
-    partner = _bridge_resid_mid_partner(model, source)
+    partner = bridge_resid_mid_partner(model, source)
 
     def run(x):
         got = {}

@@ -15,9 +15,12 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.analysis import AnalysisReport, analyze, render
+from tl_degeneracy.analysis.files import EDGES_FILE
+from tl_degeneracy.analysis.interactions import interactions_analysis
+from tl_degeneracy.analysis.sections import InteractionsConfig
 from tl_degeneracy.cli import main
 from tl_degeneracy.interactions import collect_edges, node_bases
-from tl_degeneracy.interactions.run import EDGES_FILE, InteractionsConfig, interactions_analysis, load_graphs
+from tl_degeneracy.interactions.graph import load_graphs
 from tl_degeneracy.testing import tiny_model
 
 # Tests on the tiny analysis run under both TL generations (`models`); the CLI run on the embedded model
@@ -42,20 +45,21 @@ def interactions_dir(tmp_path_factory):
 def test_report_section_and_edge_file(interactions_dir):
     out, model, tokens, section = interactions_dir
     report = AnalysisReport.load(out / "report.json")
-    assert report.interactions == json.loads(json.dumps(section))
+    assert report.interactions is not None
+    assert report.interactions.to_dict() == json.loads(json.dumps(section.to_dict()))
     assert AnalysisReport.from_dict(report.to_dict()).to_dict() == report.to_dict()
-    assert section["nodes"] == NODES and section["edge_tokens"] == 96
-    assert section["edge_run"]["config"]["mode"] == "exact"
-    assert {(r["basis"], r["source"]) for r in section["sparsity"]} == {
+    assert section.nodes == NODES and section.edge_tokens == 96
+    assert section.edge_run is not None and section.edge_run.config["mode"] == "exact"
+    assert {(r.basis, r.source) for r in section.sparsity} == {
         (b, s) for b in ("interaction", "pca", "standard") for s in NODES[:2]}
-    for rows in section["modules"].values():
-        assert [r["eps_rtol"] for r in rows] == [1e-2, 1e-4]
-        assert all(r["eps"] > 0 and "random" in r and "modules" in r for r in rows)
-    curves = section["ablation"]["curves"]
-    assert {(c["hook"], c["basis"]) for c in curves} == {
+    for rows in section.modules.values():
+        assert [r.eps_rtol for r in rows] == [1e-2, 1e-4]
+        assert all(r.eps > 0 and r.random.n == 200 and r.modules is not None for r in rows)
+    curves = section.ablation.curves
+    assert {(c.hook, c.basis) for c in curves} == {
         (h, b) for h in NODES for b in ("interaction", "pca", "standard", "random")}
     # the ablation text is held out: rows after the 48 sequences the statistics saw
-    assert section["ablation"]["text"].startswith("held out") and section["ablation"]["tokens"] == 96
+    assert section.ablation.text.startswith("held out") and section.ablation.tokens == 96
     # interactions.safetensors holds the same edges a direct call computes
     graphs = load_graphs(out / EDGES_FILE)
     bases = {"interaction": tld.InteractionBasis.load(out / "basis.safetensors"),
@@ -114,7 +118,7 @@ def test_cli_analyze_with_interactions_end_to_end(tmp_path):
                  "--edge-probes", "1", "--ablation-tokens", "64", "--eps-rtol", "1e-3", "--out", str(out)])
     assert code == 0
     report = AnalysisReport.load(out / "report.json")
-    assert report.interactions is not None and report.interactions["edge_run"]["config"]["n_probes"] == 1
+    assert report.interactions is not None and report.interactions.edge_run.config["n_probes"] == 1
     assert (out / EDGES_FILE).exists() and (out / "plots" / "lorenz.png").exists()
 
 

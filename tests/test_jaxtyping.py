@@ -22,12 +22,12 @@ import sys
 from jaxtyping import install_import_hook
 with install_import_hook("tl_degeneracy", "beartype.beartype"):
     import tl_degeneracy as tld
-    import tl_degeneracy.accumulators, tl_degeneracy.linalg, tl_degeneracy.positions
+    import tl_degeneracy.collection.accumulators, tl_degeneracy.linalg, tl_degeneracy.positions
 import torch
 from jaxtyping import TypeCheckError
 from beartype.roar import BeartypeException
 CHECK_ERRORS = (TypeCheckError, BeartypeException)
-assert "tl_degeneracy.stats" in sys.modules
+assert "tl_degeneracy.collection.stats" in sys.modules
 """
 
 
@@ -48,7 +48,7 @@ def _run_checked(body: str, cwd: Path, timeout: int = 600) -> subprocess.Complet
 def test_the_hook_checks_the_package(tmp_path):
     """A wrong-rank tensor is refused by the annotation check, before any of the function's code."""
     result = _run_checked(cwd=tmp_path, body="""
-        from tl_degeneracy.accumulators import GramAccumulator
+        from tl_degeneracy.collection.accumulators import GramAccumulator
         from tl_degeneracy.linalg import gram_rank, matrix_rank, symmetric_eigh
         from tl_degeneracy.positions import position_mask
 
@@ -81,8 +81,8 @@ def test_the_hook_checks_the_package(tmp_path):
 def test_a_whole_analysis_passes_the_checks(tmp_path):
     result = _run_checked(cwd=tmp_path, body="""
         from tl_degeneracy import HeadSync, JacobianConfig, NeuronSync, Stats, collect
-        from tl_degeneracy.interaction_basis import InteractionBasis
-        from tl_degeneracy.splice import splice
+        from tl_degeneracy.basis import InteractionBasis
+        from tl_degeneracy.basis.splice import splice
         from tl_degeneracy.testing import tiny_model
 
         torch.set_num_threads(1)

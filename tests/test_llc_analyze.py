@@ -7,9 +7,11 @@ import matplotlib.image as mpimg
 import pytest
 
 from tl_degeneracy.analysis import AnalysisReport, render
+from tl_degeneracy.analysis.files import LLC_FILE
+from tl_degeneracy.analysis.llc import table_rows
+from tl_degeneracy.analysis.sections import LLCAnalysisConfig
 from tl_degeneracy.cli import main
 from tl_degeneracy.llc import NeffResult
-from tl_degeneracy.llc.run import LLC_FILE, LLCAnalysisConfig, table_rows
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +29,20 @@ def test_report_json_holds_the_llc_section_and_round_trips(run_dir):
     report = AnalysisReport.load(run_dir / "report.json")
     assert report.llc is not None
     again = AnalysisReport.from_dict(json.loads(json.dumps(report.to_dict())))
-    assert again.to_dict() == report.to_dict() and again.llc == report.llc
+    assert again.to_dict() == report.to_dict() and again.llc is not None
+    assert again.llc.to_dict() == report.llc.to_dict()
     section = report.llc
-    assert section["config"]["eps"] == [1e-3, 1e-2] and section["config"]["layer_eps"] == 1e-2
-    assert list(section["parts"]) == ["model", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
-    whole = section["parts"]["model"]
+    assert section.config.eps == (1e-3, 1e-2) and section.config.layer_eps == 1e-2
+    assert section.to_dict()["config"]["eps"] == [1e-3, 1e-2] and section.to_dict()["config"]["layer_eps"] == 1e-2
+    assert list(section.parts) == ["model", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    whole = section.parts["model"]
     # every weight matrix; not W_E, LN, biases (TL 3's HookedTransformer also has unembed.b_U: 2048 more)
-    assert whole["nominal"] in (1350400, 1352448) and whole["kfac_nominal"] == 1048576
-    assert len(whole["kfac"]) == 2 and whole["kfac"][0] >= whole["kfac"][1] > 0  # more counted at the smaller ε
-    layer = section["parts"]["blocks.1"]
-    assert layer["nominal"] == 198272 and layer["kfac_nominal"] == 196608 and len(layer["kfac"]) == 1
-    result = NeffResult.from_dict(whole["result"])  # report.json: no traces
-    assert result.n_params == whole["nominal"] and all(not c.trace for s in result.scales for c in s.chains)
+    assert whole.nominal in (1350400, 1352448) and whole.kfac_nominal == 1048576
+    assert len(whole.kfac) == 2 and whole.kfac[0] >= whole.kfac[1] > 0  # more counted at the smaller ε
+    layer = section.parts["blocks.1"]
+    assert layer.nominal == 198272 and layer.kfac_nominal == 196608 and len(layer.kfac) == 1
+    result = whole.result  # report.json: no traces
+    assert result.n_params == whole.nominal and all(not c.trace for s in result.scales for c in s.chains)
     saved = json.loads((run_dir / LLC_FILE).read_text())  # llc.json: the same results with their traces
     traced = NeffResult.from_dict(saved["model"])
     assert [len(c.trace) for c in traced.scales[0].chains] == [6, 6]

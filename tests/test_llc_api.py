@@ -252,8 +252,8 @@ def test_kl_and_hook_outputs(tiny, tiny_tokens):
 
 def _cli(argv: list[str]) -> int:
     """What tl_degeneracy.cli.main does with the subcommand: UsageError → one paragraph, exit 2."""
-    from tl_degeneracy.cli import Parser, UsageError, paragraph
-    from tl_degeneracy.llc.command import add_parser
+    from tl_degeneracy.cli.common import Parser, UsageError, paragraph
+    from tl_degeneracy.cli.llc import add_parser
 
     parser = Parser(prog="tl-degeneracy")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -290,7 +290,7 @@ def test_cli_llc_command(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_parser_help_lists_options():
-    from tl_degeneracy.llc.command import add_parser
+    from tl_degeneracy.cli.llc import add_parser
 
     parser = argparse.ArgumentParser(prog="tl-degeneracy")
     add_parser(parser.add_subparsers())

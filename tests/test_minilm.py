@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tl_degeneracy.generations import installed_generation
-from tl_degeneracy.head_sync import head_sync_matrices
+from tl_degeneracy.sync.heads import head_sync_matrices
 
 pytestmark = pytest.mark.models
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tl_degeneracy import NeuronSync, Stats, collect
-from tl_degeneracy import neuron_sync as ns
 from tl_degeneracy.generations import model_from_tl_state_dict
+from tl_degeneracy.sync import neurons as ns
 from tl_degeneracy.testing import random_tl_state_dict, tiny_config
 
 D_MLP, VOCAB, CTX = 32, 23, 12

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.config import ProbeSpace
-from tl_degeneracy.readout import find_readout, readout_factor
+from tl_degeneracy.collection.config import ProbeSpace
+from tl_degeneracy.collection.readout import find_readout, readout_factor
 from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models

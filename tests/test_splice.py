@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.interaction_basis import InteractionBasis
-from tl_degeneracy.splice import SpliceHandle, splice, splice_into, unsplice
+from tl_degeneracy.basis import InteractionBasis
+from tl_degeneracy.basis.splice import SpliceHandle, splice, splice_into, unsplice
 from tl_degeneracy.testing import modadd_dataset, modadd_model, tiny_model
 
 pytestmark = pytest.mark.models

@@ -8,8 +8,8 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy import JacobianConfig, collect
-from tl_degeneracy.interaction_basis import InteractionBasis
-from tl_degeneracy.splice import SpliceHandle, splice_into, unsplice
+from tl_degeneracy.basis import InteractionBasis
+from tl_degeneracy.basis.splice import SpliceHandle, splice_into, unsplice
 from tl_degeneracy.testing import tiny_model
 
 pytestmark = pytest.mark.models
@@ -280,7 +280,7 @@ def test_hook_mlp_in_collects_and_the_flag_is_restored():
 # -- the probe-loop fallback -------------------------------------------------------------------------
 
 def test_probe_loop_fallback_equals_the_batched_backward(monkeypatch):
-    import tl_degeneracy.batch_pass as batch_pass
+    import tl_degeneracy.collection.batch_pass as batch_pass
 
     model = tiny_model(seed=0)
     options = dict(hooks=["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid"],
@@ -307,18 +307,18 @@ def test_probe_loop_fallback_equals_the_batched_backward(monkeypatch):
     for hook in options["hooks"]:
         torch.testing.assert_close(looped.jacobian_gram(hook), batched.jacobian_gram(hook), rtol=1e-12, atol=1e-12)
         assert torch.equal(looped.gram(hook), batched.gram(hook))
-    assert batch_pass._probe_grads is not None
+    assert batch_pass.batched_vjp is not None
 
 
 def test_probe_grads_directly(monkeypatch):
-    """``_probe_grads`` returns the same stacked ``Jᵀ v`` with and without the batched pass."""
-    from tl_degeneracy.batch_pass import _probe_grads
+    """``batched_vjp`` returns the same stacked ``Jᵀ v`` with and without the batched pass."""
+    from tl_degeneracy.forward import batched_vjp
 
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     z = torch.tanh(x @ torch.randn(5, 4, dtype=torch.float64)) + y.sum(-1, keepdim=True)
     chunk = [torch.randn_like(z) for _ in range(3)]
-    batched = _probe_grads(z, [x, y], chunk)
+    batched = batched_vjp(z, [x, y], chunk)
     real_grad = torch.autograd.grad
 
     def refuse(*args, **kwargs):
@@ -327,7 +327,7 @@ def test_probe_grads_directly(monkeypatch):
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", refuse)
-    looped = _probe_grads(z, [x, y], chunk)
+    looped = batched_vjp(z, [x, y], chunk)
     for a, b in zip(batched, looped):
         assert a is not None and b is not None and a.shape == b.shape == (3, *a.shape[1:])
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

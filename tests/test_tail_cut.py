@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-import tl_degeneracy.batch_pass as batch_pass
-from tl_degeneracy.tail_cut import TailCut, tail_cut
+import tl_degeneracy.collection.batch_pass as batch_pass
+from tl_degeneracy.collection.tail_cut import TailCut, tail_cut
 from tl_degeneracy.testing import modadd_dataset, modadd_model, tiny_model
 
 pytestmark = pytest.mark.models

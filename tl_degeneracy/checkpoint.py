@@ -1,9 +1,21 @@
-"""Refusing to resume (or merge) statistics that came from a different run."""
+"""Files that survive a crash and runs that refuse to mix: the package's on-disk conventions.
+
+- ``atomic_save_safetensors`` writes a safetensors file through a temporary and ``os.replace``, so a
+  crash mid-write leaves the previous file intact; ``read_safetensors_metadata`` reads the JSON the
+  package keeps in a file's header.
+- ``check_resumable`` refuses to resume (or merge) a run whose recorded identity differs from this
+  one's, naming every differing field.
+- ``rank_path``: each ``torch.distributed`` rank checkpoints to its own file.
+"""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 
 class CheckpointMismatchError(ValueError):
@@ -36,3 +48,38 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | 
             + "; ".join(problems)
             + "). Resuming would mix two runs' sums. Delete the checkpoint or pass a new path to start afresh."
         )
+
+
+def rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
+    """``run.safetensors`` for one process, ``run.rank{r}.safetensors`` for rank ``r`` of several."""
+    path = Path(path)
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
+    """Write ``tensors`` and string ``metadata`` to ``path`` atomically (temporary file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_safetensors_metadata(path: str | os.PathLike, key: str = "tl_degeneracy") -> dict[str, Any]:
+    """The package's JSON entry ``key`` in a safetensors file's header (ValueError if absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata() or {}
+    if key not in header:
+        raise ValueError(f"{path} is not a tl_degeneracy file (no {key!r} entry in its safetensors metadata)")
+    return json.loads(header[key])

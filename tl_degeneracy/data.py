@@ -123,3 +123,25 @@ def iter_batches(
         # one 3830-row tensor would otherwise be one batch, with its temporaries to match).
         for start in range(0, batch.tokens.shape[0], batch_size):
             yield batch.rows(start, start + batch_size)
+
+
+def whole_rows(data: Any, model: HookedModel | None, n_tokens: int, context: int | None, *, skip_tokens: int = 0,
+               batch_size: int = 8, at_most: bool = False) -> Int[Tensor, "n_seq pos"] | None:
+    """The unpadded rows of ``data`` after its first ``skip_tokens`` tokens, up to ``n_tokens`` tokens:
+    the last row may pass ``n_tokens``, or with ``at_most`` never does (beyond the first row).
+    None when the data holds no such row."""
+    rows: list[Tensor] = []
+    seen = taken = 0
+    for batch in iter_batches(data, model, batch_size, context):
+        if batch.attention_mask is not None and not bool(batch.attention_mask.all()):
+            continue  # padded rows would need a mask in every loss; whole rows are plenty
+        for row in batch.tokens:
+            if at_most and rows and taken + row.numel() > n_tokens:
+                return torch.stack(rows)
+            if seen >= skip_tokens and taken < n_tokens:
+                rows.append(row)
+                taken += row.numel()
+            seen += row.numel()
+        if taken >= n_tokens:
+            break
+    return torch.stack(rows) if rows else None

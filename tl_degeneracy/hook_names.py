@@ -12,13 +12,15 @@ import fnmatch
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Union
+from typing import Any, Union
 
 from .generations import HookedModel
 
 HookSpec = Union[str, Sequence[str], Callable[[str], bool], None]
 
 DEFAULT_HOOK_PATTERN = "blocks.*.hook_resid_pre"
+# The model's output as a pseudo hook name: Jacobians, the sampler and the account read "logits".
+LOGITS = "logits"
 
 # Hook points that only fire after the model's ``set_use_*`` switch is on.
 GATED_HOOKS: dict[str, str] = {
@@ -162,3 +164,21 @@ def layer_of(name: str) -> int | None:
     """The block index in ``blocks.{l}.…``, or None for hooks outside the blocks."""
     match = re.match(r"blocks\.(\d+)\.", name)
     return int(match.group(1)) if match else None
+
+
+def module_path(model: HookedModel, module: Any) -> str | None:
+    """Where ``module`` sits in the module tree. On a bridge a legacy hook name is an alias and
+    the path is the canonical one (``blocks.1.hook_resid_mid`` → ``blocks.1.ln2.hook_in``);
+    found by identity, because the bridge renames ``HookPoint.name`` in compatibility mode."""
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def bridge_resid_mid_partner(model: HookedModel, hook: str) -> str | None:
+    """For a bridge's resid_mid (really ln2.hook_in) the hook whose output must carry the edit too."""
+    layer = layer_of(hook)
+    if layer is None or hook != act_name("resid_mid", layer):
+        return None
+    canonical = module_path(model, model.hook_dict[hook])
+    if canonical == hook:
+        return None  # HookedTransformer: resid_mid really is the residual stream
+    return act_name("mlp_out", layer)

@@ -5,12 +5,13 @@
 - ``sparsity_table``: fractions of edges carrying 50/90/99% of ``ΣE``, Gini, Lorenz curves.
 - ``find_modules`` / ``module_sweep``: the paper's cut-cost modules (§5.2.3, eq. 35).
 - ``ablation_curves``: keep the top-k directions of a node, per basis, and measure the loss.
-- ``run.interactions_analysis``: all of it for an analysis folder (``tl-degeneracy interactions``).
+- ``tl_degeneracy.analysis.interactions``: all of it for an analysis folder (``tl-degeneracy interactions``).
 Plots live in ``interactions.plots`` (matplotlib, the ``report`` extra; not imported here).
 """
-from .ablation import AblationCurve, ablation_curves, random_basis
+from ..basis.coordinates import random_basis
+from .ablation import AblationCurve, ablation_curves
 from .edges import EdgeAccumulator, EdgeConfig, EdgeMethod, collect_edges, graphs_from_stats, node_bases
-from .graph import InteractionGraph
+from .graph import InteractionGraph, load_graphs, pair_name, save_graphs
 from .modules import (
     DEFAULT_BALANCE,
     DEFAULT_EPS_RTOL,
@@ -33,7 +34,7 @@ from .sparsity import FRACTIONS, edge_fraction, edge_fractions, gini, lorenz_cur
 __all__ = [
     "AblationCurve", "ablation_curves", "random_basis",
     "EdgeAccumulator", "EdgeConfig", "EdgeMethod", "collect_edges", "graphs_from_stats", "node_bases",
-    "InteractionGraph",
+    "InteractionGraph", "load_graphs", "pair_name", "save_graphs",
     "DEFAULT_BALANCE", "DEFAULT_EPS_RTOL", "Bisection", "CutEdge", "CutScale", "ModuleResult", "RandomCuts",
     "cost_graph", "cut_cost", "cut_edges", "cut_scale", "edge_costs", "find_modules", "module_sweep",
     "random_partition_costs",

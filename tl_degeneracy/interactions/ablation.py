@@ -1,8 +1,8 @@
 """Ablation curves: how much of a node's computation do its top-k directions carry, per basis?
 
-At one node, splice a basis in without its error term (``f ↦ μ + C⁺ f̂``), keep the first ``k``
-coordinates of ``f̂`` (the basis's own order: the interaction basis by ``Λ``, PCA by variance, the
-model's coordinates by variance, a random basis of the PCA span in random order as a floor) and
+At one node, splice a basis in without its error term (``f ↦ decode(f̂)``), keep the ``k`` most
+important coordinates of ``f̂`` (``Basis.importance``: the interaction basis by ``Λ``, PCA and the
+model's coordinates by variance, a random basis of the PCA span in its random order as a floor) and
 set the rest to their mean, which is 0 because ``f̂ = C (f − μ)`` is centred. Measured on
 held-out tokens: the behavioural loss ``1/n Σ_{x,t} ||z − z*||²`` (MSE on logits, summed over the
 vocabulary, the units of ``M`` and of the edges) and the increase in next-token cross-entropy.
@@ -10,7 +10,7 @@ vocabulary, the units of ``M`` and of the edges) and the increase in next-token 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,9 +18,12 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..basis.bases import InteractionBasis
+from ..basis.coordinates import random_basis
+from ..basis.protocol import Basis
+from ..basis.splice import splice
+from ..forward import model_device
 from ..generations import HookedModel
-from ..interaction_basis import InteractionBasis, LayerBasis
-from ..splice import splice
 
 
 @dataclass
@@ -39,23 +42,10 @@ class AblationCurve:
         return {"hook": self.hook, "basis": self.basis, "k": self.k, "behavioral_loss": self.behavioral_loss,
                 "ce_increase": self.ce_increase, "n_directions": self.n_directions, **self.meta}
 
-
-def by_variance(layer: LayerBasis) -> LayerBasis:
-    """The model's own coordinates (``scaling="identity"``), ordered by their variance."""
-    order = torch.argsort(layer.eigenvalues, descending=True)  # identity bases hold G's diagonal here
-    eye = torch.eye(layer.d, dtype=torch.float64, device=order.device)[order]
-    return replace(layer, C=eye, C_pinv=eye.T.clone(), eigenvalues=layer.eigenvalues[order])
-
-
-def random_basis(layer: LayerBasis, seed: int = 0) -> LayerBasis:
-    """An orthonormal basis of the same span as ``layer`` (PCA's: the activations' span), in random order."""
-    gen = torch.Generator().manual_seed(seed)
-    span = torch.linalg.qr(layer.C_pinv.to(torch.float64))[0]  # [d, k], orthonormal columns
-    # drawn on the host (the same rotation on every device), then moved to the basis
-    rotation = torch.linalg.qr(torch.randn(layer.k, layer.k, generator=gen, dtype=torch.float64))[0]
-    Q = span @ rotation.to(span.device)
-    return replace(layer, C=Q.T.contiguous(), C_pinv=Q, eigenvalues=Q.new_zeros(layer.k),
-                   scaling="random")
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AblationCurve:
+        own = ("hook", "basis", "k", "behavioral_loss", "ce_increase", "n_directions")
+        return cls(**{k: data[k] for k in own}, meta={k: v for k, v in data.items() if k not in own})
 
 
 _LOGIT_BUDGET = 2**26  # float64 logit elements per ablation forward
@@ -103,8 +93,8 @@ def ablation_curves(
 ) -> list[AblationCurve]:
     """Ablation curves at every hook of ``hooks`` (default: every hook of the first basis), per basis.
 
-    ``bases``: e.g. ``{"interaction": ib, "pca": pca, "standard": standard}``; a ``"standard"``
-    basis (``scaling="identity"``) is ordered by variance. With ``random_floor``, a random basis of
+    ``bases``: e.g. ``{"interaction": ib, "pca": pca, "standard": standard}``; each keeps its
+    directions by ``importance`` (the model's coordinates by variance). With ``random_floor``, a random basis of
     the PCA span (or the first basis's, without PCA) is added as ``"random"``. ``labels`` (one per
     sequence): cross-entropy of the last position's prediction against them instead of the next
     token's; ``positions``: the behavioural loss only at these positions (e.g. ``[-1]``).
@@ -120,18 +110,17 @@ def ablation_curves(
         raise ValueError("pass at least one basis")
     first = next(iter(bases.values()))
     hooks = list(hooks) if hooks is not None else first.hooks
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     batches = [tokens[i:i + batch_size].to(device) for i in range(0, tokens.shape[0], batch_size)]
     answers = [None if labels is None else labels[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
     clean = [_logits_and_ce(model, b, y, positions) for b, y in zip(batches, answers)]
     n_points = sum(z.shape[0] * z.shape[1] for z, _ in clean)
     base_ce = float(sum(ce.sum() for _, ce in clean)) / sum(ce.numel() for _, ce in clean)
 
-    jobs: list[tuple[str, str, LayerBasis]] = []
+    jobs: list[tuple[str, str, Basis]] = []
     for hook in hooks:
         for name, basis in bases.items():
-            layer = basis[hook]
-            jobs.append((hook, name, by_variance(layer) if layer.scaling == "identity" else layer))
+            jobs.append((hook, name, basis[hook]))
         if random_floor:
             span = bases["pca"][hook] if "pca" in bases else first[hook]
             jobs.append((hook, "random", random_basis(span, seed)))
@@ -140,7 +129,10 @@ def ablation_curves(
     for hook, name, layer in bar:
         grid = sorted({min(k, layer.k) for k in (ks if ks is not None else default_grid(layer.k))})
         # every k in one forward pass: the batch repeated once per k, each copy with its own mask
-        keep = (torch.arange(layer.k, device=device)[None, :] < torch.tensor(grid, device=device)[:, None])
+        # keeping the k most important directions (a stable order: ties keep the basis's own order)
+        rank = torch.empty(layer.k, dtype=torch.long)
+        rank[torch.argsort(layer.importance.cpu(), descending=True, stable=True)] = torch.arange(layer.k)
+        keep = rank.to(device)[None, :] < torch.tensor(grid, device=device)[:, None]
         losses, ce_up = [0.0] * len(grid), [0.0] * len(grid)
         ce_n = 0
         with splice(model, layer, error_term=False):

@@ -24,7 +24,6 @@ then ``∂f^{l+1}/∂f^l`` is the whole dependence, not one path of several.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -35,19 +34,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..accumulators import AdditiveAccumulator
-from ..batch_pass import _forward_until_hooks_fired, _ParamsRequireGrad, _probe_grads, _StopForward, _to_device
-from ..config import _positive_int, describe_positions
+from ..basis.bases import InteractionBasis
+from ..basis.protocol import Basis, require_linear
+from ..collection.accumulators import AdditiveAccumulator
+from ..collection.batch_pass import NonFiniteError
+from ..collection.config import describe_positions
+from ..collection.options import StreamOptions
+from ..collection.probes import batch_generator
+from ..collection.stats import Stats
+from ..collection.stream import stream
 from ..data import TokenBatch
+from ..forward import ParamsRequireGrad, batched_vjp, forward_until, model_device, output_at, to_device
 from ..generations import HookedModel
-from ..hook_names import HookSpec, residual_hooks, resolve_hooks
-from ..interaction_basis import InteractionBasis, LayerBasis
+from ..hook_names import HookSpec, bridge_resid_mid_partner, residual_hooks, resolve_hooks
+from ..linalg import DEFAULT_RTOL
 from ..positions import PositionSpec, position_mask
-from ..probes import batch_generator
-from ..splice import _bridge_resid_mid_partner
-from ..stats import Stats
-from ..stream import stream
-from .graph import InteractionGraph
+from ..validation import one_of, positive_int
+from .graph import InteractionGraph, pair_name
 
 EDGES = "edges"
 DEFAULT_CHUNK_BUDGET = 256 * 2**20
@@ -81,22 +84,19 @@ class EdgeAccumulator(AdditiveAccumulator):
         return self.tensors["E"] / self.tensors["n"].clamp(min=1)
 
 
-def pair_name(source: str, target: str) -> str:
-    return f"{source}->{target}"
-
-
 @dataclass(frozen=True)
 class EdgeConfig:
     """One edge pass: nodes (forward order), the bases edges are taken in, and how.
 
-    ``bases`` maps a basis name ("interaction", "pca", "standard", ...) to one ``LayerBasis`` per
-    node. ``positions``: the datapoints of each *output* node (one spec, or ``{hook: spec}``);
-    inputs always sum over every (unpadded) position. ``to_dict()`` is the run identity:
-    resuming with other bases (by fingerprint) or options is refused.
+    ``bases`` maps a basis name ("interaction", "pca", "standard", ...) to one affine basis per
+    node (``basis.protocol.LinearMaps``: edges are defined through ``C`` and ``C⁺``). ``positions``:
+    the datapoints of each *output* node (one spec, or ``{hook: spec}``); inputs always sum over every
+    (unpadded) position. ``to_dict()`` is the run identity: resuming with other bases (by fingerprint) or
+    options is refused.
     """
 
     nodes: tuple[str, ...]
-    bases: tuple[tuple[str, tuple[LayerBasis, ...]], ...]
+    bases: tuple[tuple[str, tuple[Basis, ...]], ...]
     exact: bool = False
     method: EdgeMethod = EdgeMethod.PROBES
     n_probes: int = 4
@@ -107,7 +107,7 @@ class EdgeConfig:
     chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET
 
     @classmethod
-    def build(cls, model: HookedModel, bases: Mapping[str, InteractionBasis | Sequence[LayerBasis]],
+    def build(cls, model: HookedModel, bases: Mapping[str, InteractionBasis | Sequence[Basis]],
               nodes: HookSpec = None, *, exact: bool = False, n_probes: int | None = None, seed: int = 0,
               positions: PositionSpec | Mapping[str, PositionSpec] = None, batch_size: int = 8,
               context: int | None = None, chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET,
@@ -132,22 +132,22 @@ class EdgeConfig:
                     raise ValueError(f"basis {name!r} covers {[l.hook for l in layers]}, the nodes are {names}")
             if not isinstance(name, str) or not name or any(c in name for c in "/:"):
                 raise ValueError(f"basis names must be non-empty strings without '/' or ':', got {name!r}")
+            for layer in layers:
+                require_linear(layer, "the interaction graph's edges")
             per_basis.append((name, layers))
         if exact and n_probes is not None:
             raise ValueError("exact=True takes no n_probes: exact mode loops over every output position")
-        probes = 4 if n_probes is None else _positive_int(n_probes, "n_probes", "Use exact=True for exact edges.")
-        _positive_int(batch_size, "batch_size")
+        probes = 4 if n_probes is None else positive_int(n_probes, "n_probes", "Use exact=True for exact edges.")
+        positive_int(batch_size, "batch_size")
         if context is not None:
-            _positive_int(context, "context")
-        _positive_int(chunk_budget_bytes, "chunk_budget_bytes")
+            positive_int(context, "context")
+        positive_int(chunk_budget_bytes, "chunk_budget_bytes")
         if isinstance(positions, Mapping):
             unknown = [h for h in positions if h not in names]
             if unknown:
                 raise ValueError(f"positions name hooks {unknown} that are not nodes {names}")
-        try:
-            how = EdgeMethod(method) if method is not None else (EdgeMethod.FORWARD if exact else EdgeMethod.PROBES)
-        except ValueError:
-            raise ValueError(f"method must be one of {[m.value for m in EdgeMethod]}, got {method!r}") from None
+        how = one_of(method, EdgeMethod, "method") if method is not None else (
+            EdgeMethod.FORWARD if exact else EdgeMethod.PROBES)
         if (how is EdgeMethod.PROBES) == bool(exact):
             raise ValueError(f"method={how.value!r} is {'an estimate' if exact else 'exact'}: pass exact="
                              f"{not exact} with it, or leave method unset")
@@ -168,7 +168,8 @@ class EdgeConfig:
                      if isinstance(self.positions, Mapping) else describe_positions(self.positions))
         return {
             "pass": "interaction_edges", "nodes": list(self.nodes),
-            "bases": {name: {l.hook: {"fingerprint": l.fingerprint(), "k": l.k, "scaling": l.scaling}
+            "bases": {name: {l.hook: {"fingerprint": l.fingerprint(), "k": l.k,
+                                      "scaling": getattr(l, "scaling", l.kind)}
                              for l in layers} for name, layers in self.bases},
             "mode": "exact" if self.exact else "probes", "method": self.method.value,
             "n_probes": None if self.exact else self.n_probes,
@@ -195,7 +196,7 @@ def _chunk_size(config: EdgeConfig, f_in: Tensor, width: int) -> int:
     return int(max(1, min(width, budget // max(per, 1))))
 
 
-def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[LayerBasis], in_layers: list[LayerBasis],
+def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[Basis], in_layers: list[Basis],
                         out_mask: Tensor, in_mask: Tensor, config: EdgeConfig, batch_index: int,
                         pair_index: int) -> list[EdgeAccumulator]:
     """``Σ_x Σ_t a²`` for one layer pair in every basis, from the live graph between ``f_in`` and ``f_out``.
@@ -210,9 +211,9 @@ def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[L
     d_out = f_out.shape[-1]
     mask_in = in_mask.to(f64)[..., None]
     # per input basis: C_in⁺ and the coordinates f̂_in (padding attributes nothing)
-    pulls = [(layer.C_pinv.to(device=f_in.device, dtype=f64), layer.transform(f_in.detach().to(f64)) * mask_in)
-             for layer in in_layers]
-    C_outs = [layer.C.to(device=f_out.device, dtype=f64) for layer in out_layers]
+    pulls = [(require_linear(layer, "edges").C_pinv.to(device=f_in.device, dtype=f64),
+              layer.encode(f_in.detach().to(f64)) * mask_in) for layer in in_layers]
+    C_outs = [require_linear(layer, "edges").C.to(device=f_out.device, dtype=f64) for layer in out_layers]
     E = [torch.zeros(C.shape[0], P.shape[1], dtype=f64, device=f_in.device) for C, (P, _) in zip(C_outs, pulls)]
     # what the cotangent looks like along the positions: one output position (exact) or Rademacher signs
     if config.method is EdgeMethod.BACKWARD:
@@ -241,7 +242,7 @@ def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[L
             gi = torch.tensor([i for i, _ in chunk], device=f_out.device)
             ai = torch.tensor([a for _, a in chunk], device=f_out.device)
             cotangents = along[gi][..., None] * eye[ai][:, None, None, :]  # [c, B, T, d_out]
-            (grads,) = _probe_grads(f_out, [f_in], cotangents)
+            (grads,) = batched_vjp(f_out, [f_in], cotangents)
             if grads is None:
                 raise RuntimeError(f"node {out_layers[0].hook!r} does not depend on {in_layers[0].hook!r}: order "
                                    "the nodes forward, each after the one before")
@@ -261,36 +262,25 @@ def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[L
 
 
 def _pair_contributions_forward(model: HookedModel, tokens: Tensor, kwargs: dict[str, Any], source: str,
-                                target: str, f_in: Tensor, out_layers: list[LayerBasis], in_layers: list[LayerBasis],
+                                target: str, f_in: Tensor, out_layers: list[Basis], in_layers: list[Basis],
                                 out_mask: Tensor, in_mask: Tensor, config: EdgeConfig) -> list[EdgeAccumulator]:
     """Exact ``Σ_x Σ_t a²`` by forward mode: ``a_tij`` for all ``i, t`` is the change of ``f̂_out(t)`` along
     the tangent ``δf_in(t') = C_in⁺[:, j] f̂_in_j(t')`` (every input position at once)."""
     from torch.func import jvp, vmap
 
     f64 = torch.float64
-    partner = _bridge_resid_mid_partner(model, source)  # the bridge's resid_mid skip path (see splice.py)
+    partner = bridge_resid_mid_partner(model, source)  # the bridge's resid_mid skip path (see basis/splice.py)
     base = f_in.detach()
 
     def segment(x: Tensor) -> Tensor:
-        got: dict[str, Tensor] = {}
+        delta: dict[str, Tensor] = {}
 
         def replace(act: Tensor, hook: Any) -> Tensor:
-            got["delta"] = x - act
+            delta["x"] = x - act
             return x
 
-        def capture(act: Tensor, hook: Any) -> Tensor:
-            got["y"] = act
-            raise _StopForward
-
-        hooks: list[tuple[str, Any]] = [(source, replace), (target, capture)]
-        if partner is not None:
-            hooks.insert(1, (partner, lambda act, hook: act + got["delta"]))
-        try:
-            with model.hooks(fwd_hooks=hooks):
-                model(tokens, **kwargs)
-        except _StopForward:
-            pass
-        return got["y"]
+        carry = [] if partner is None else [(partner, lambda act, hook: act + delta["x"])]
+        return output_at(model, tokens, target, kwargs, before=[(source, replace)], untracked=carry)
 
     def tangent_out(t: Tensor) -> Tensor:
         return jvp(segment, (base,), (t,))[1]
@@ -299,9 +289,9 @@ def _pair_contributions_forward(model: HookedModel, tokens: Tensor, kwargs: dict
     n = out_mask.sum().to(torch.int64).reshape(())
     accs = []
     for out_layer, in_layer in zip(out_layers, in_layers):
-        P = in_layer.C_pinv.to(device=base.device, dtype=f64)
-        f_hat = in_layer.transform(base.to(f64)) * in_mask.to(f64)[..., None]  # padding attributes nothing
-        C_out = out_layer.C.to(device=base.device, dtype=f64)
+        P = require_linear(in_layer, "edges").C_pinv.to(device=base.device, dtype=f64)
+        f_hat = in_layer.encode(base.to(f64)) * in_mask.to(f64)[..., None]  # padding attributes nothing
+        C_out = require_linear(out_layer, "edges").C.to(device=base.device, dtype=f64)
         E = torch.zeros(C_out.shape[0], P.shape[1], dtype=f64, device=base.device)
         size = _chunk_size(config, base, P.shape[1])
         for start in range(0, P.shape[1], size):
@@ -317,8 +307,8 @@ def _pair_contributions_forward(model: HookedModel, tokens: Tensor, kwargs: dict
 def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
                batch_index: int) -> dict[tuple[str, str], AdditiveAccumulator]:
     """One batch's contribution to every edge matrix of every basis."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    tokens = _to_device(batch.tokens, device)
+    device = model_device(model)
+    tokens = to_device(batch.tokens, device)
     kwargs: dict[str, Any] = {}
     attention_mask = None
     if batch.attention_mask is not None:
@@ -340,8 +330,8 @@ def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
             stack.enter_context(torch.no_grad())
         else:
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_ParamsRequireGrad(model))
-        _forward_until_hooks_fired(model, tokens, kwargs, [(n, capture(n)) for n in config.nodes], stop_early=True)
+            stack.enter_context(ParamsRequireGrad(model))
+        forward_until(model, tokens, kwargs, [(n, capture(n)) for n in config.nodes], stop_early=True)
         masks = {h: position_mask(config.positions_of(h), B, T, attention_mask, device=device) for h in config.nodes}
         in_mask = position_mask(None, B, T, attention_mask, device=device)
         for l, (source, target) in enumerate(zip(config.nodes[:-1], config.nodes[1:])):
@@ -361,8 +351,6 @@ def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
                 accs = _pair_contributions_backward(f_out, f_in, outs, ins, masks[target], in_mask, config,
                                                     batch_index, l)
             if not all(bool(torch.isfinite(acc.tensors["E"]).all()) for acc in accs):
-                from ..batch_pass import NonFiniteError
-
                 raise NonFiniteError(f"non-finite edges in batch {batch_index} between {source!r} and {target!r}: "
                                      "the model produced inf/NaN activations")
             for (name, _), acc in zip(config.bases, accs):
@@ -380,14 +368,14 @@ def graphs_from_stats(stats: Stats, config: EdgeConfig) -> dict[str, Interaction
             basis=name, nodes=list(config.nodes), edges=[acc.edges.cpu() for acc in accs],  # type: ignore[attr-defined]
             n_datapoints=[int(acc.tensors["n"]) for acc in accs],
             meta={"run": stats.run.to_dict() if stats.run else None, "n_tokens": stats.n_tokens,
-                  "scalings": [l.scaling for l in layers]})
+                  "scalings": [getattr(l, "scaling", l.kind) for l in layers]})
     return graphs
 
 
 def collect_edges(
     model: HookedModel,
     data: Any,
-    bases: Mapping[str, InteractionBasis | Sequence[LayerBasis]],
+    bases: Mapping[str, InteractionBasis | Sequence[Basis]],
     nodes: HookSpec = None,
     *,
     exact: bool = False,
@@ -398,13 +386,8 @@ def collect_edges(
     context: int | None = None,
     method: EdgeMethod | str | None = None,
     config: EdgeConfig | None = None,
-    max_tokens: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 50,
-    checkpoint_seconds: float = 300.0,
-    progress: bool = True,
-    distributed: bool | None = None,
+    options: StreamOptions | None = None,
+    **stream_options: Any,
 ) -> dict[str, InteractionGraph]:
     """Stream ``data`` and return the interaction graph in every basis of ``bases``.
 
@@ -413,14 +396,14 @@ def collect_edges(
     residual stream, ``residual_hooks(model)``). ``exact=True`` is exact (forward mode, one pass
     per input direction; ``method="backward"`` loops over output positions instead); otherwise
     ``n_probes`` (default 4) Rademacher probes over positions give an unbiased estimate.
-    Checkpointing, resume and ``torch.distributed`` behave as in ``collect``.
+    How the pass runs (``max_tokens``, checkpoints, resume, progress, ranks) is a ``StreamOptions``,
+    as in ``collect``: ``options=`` or its fields as keywords.
     """
     if config is None:
         config = EdgeConfig.build(model, bases, nodes, exact=exact, n_probes=n_probes, seed=seed,
                                   positions=positions, batch_size=batch_size, context=context, method=method)
-    stats = stream(model, data, config, max_tokens=max_tokens, checkpoint=checkpoint, resume=resume,
-                   checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, progress=progress,
-                   distributed=distributed, desc="edges")
+    run = StreamOptions.of(options, "collect_edges()", **stream_options)
+    stats = stream(model, data, config, run, desc="edges")
     return graphs_from_stats(stats, config)
 
 
@@ -428,12 +411,5 @@ def node_bases(stats: Stats, nodes: Sequence[str], rtol: float | None = None,
                kinds: Sequence[str] = ("interaction", "pca", "standard")) -> dict[str, InteractionBasis]:
     """The bases edges are compared in, fitted at ``nodes`` from one ``Stats``: the interaction
     basis (needs ``M``), PCA of the activations, and the model's own coordinates (centred)."""
-    from ..linalg import DEFAULT_RTOL
-
-    scaling = {"interaction": "lib", "pca": "pca", "standard": "identity"}
-    unknown = [k for k in kinds if k not in scaling]
-    if unknown:
-        raise ValueError(f"unknown basis kinds {unknown}; choose from {list(scaling)}")
-    return {k: InteractionBasis.fit(stats, hooks=list(nodes), rtol=DEFAULT_RTOL if rtol is None else rtol,
-                                    scaling=scaling[k])  # type: ignore[arg-type]
+    return {k: InteractionBasis.fit_kind(k, stats, list(nodes), rtol=DEFAULT_RTOL if rtol is None else rtol)
             for k in kinds}

@@ -8,12 +8,23 @@ basis carries the interaction basis's ``Λ^{1/2}`` scaling.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from ..checkpoint import atomic_save_safetensors, read_safetensors_metadata
+
+META_KEY = "tl_degeneracy_interactions"
+
+
+def pair_name(source: str, target: str) -> str:
+    """How one layer pair's edges are keyed: ``source->target``."""
+    return f"{source}->{target}"
 
 
 @dataclass
@@ -70,3 +81,25 @@ class InteractionGraph:
 
     def total(self) -> float:
         return float(sum(E.sum() for E in self.edges))
+
+
+def save_graphs(graphs: dict[str, InteractionGraph], path: Path, meta: dict[str, Any]) -> None:
+    """Every basis's edge matrices in one safetensors file, ``meta`` (JSON-able) in its header."""
+    tensors = {f"{name}/{pair_name(a, b)}": E for name, g in graphs.items()
+               for a, b, E in zip(g.nodes[:-1], g.nodes[1:], g.edges)}
+    info = {**meta, "bases": {name: {"nodes": g.nodes, "n_datapoints": g.n_datapoints} for name, g in graphs.items()}}
+    atomic_save_safetensors(tensors, {META_KEY: json.dumps(info)}, path)
+
+
+def load_graphs(path: Path) -> dict[str, InteractionGraph]:
+    """The graphs ``save_graphs`` wrote."""
+    from safetensors.torch import load_file
+
+    info = read_safetensors_metadata(path, key=META_KEY)
+    tensors = load_file(str(path))
+    graphs = {}
+    for name, entry in info["bases"].items():
+        nodes = entry["nodes"]
+        edges = [tensors[f"{name}/{pair_name(a, b)}"] for a, b in zip(nodes[:-1], nodes[1:])]
+        graphs[name] = InteractionGraph(name, nodes, edges, entry["n_datapoints"], {"run": info.get("run")})
+    return graphs

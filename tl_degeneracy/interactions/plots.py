@@ -11,18 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.collections import LineCollection
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from ..plots import save_figure as _save  # noqa: E402
-from .graph import InteractionGraph  # noqa: E402
-from .modules import ModuleResult  # noqa: E402
-from .sparsity import gini, lorenz_curve  # noqa: E402
+from ..plotting import plt
+from ..plotting import save_figure as _save
+from .graph import InteractionGraph
+from .modules import ModuleResult
+from .sparsity import gini, lorenz_curve
 
 # one colour per basis across all figures, so IB / PCA / standard / random read the same everywhere
 BASIS_STYLE = {"interaction": ("C0", "-"), "pca": ("C1", "--"), "standard": ("C2", "-."), "random": ("grey", ":")}

@@ -9,15 +9,24 @@ field (docs/llc.md).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..hook_names import LOGITS
 from ..losses import MSE, BehavioralLoss, as_loss
-
-LOGITS = "logits"
+from ..validation import (
+    int_at_least,
+    int_tuple,
+    integer,
+    nonnegative_int,
+    one_of,
+    optional_positive_int,
+    positive_float,
+    positive_floats,
+    positive_int,
+)
 
 
 class Integrator(str, Enum):
@@ -32,31 +41,6 @@ class Integrator(str, Enum):
 
     EULER = "euler"
     LEIMKUHLER_MATTHEWS = "leimkuhler_matthews"
-
-
-def _positive(value: Any, what: str, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive finite number, got {value!r}. {hint}")
-    return float(value)
-
-
-def _count(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        word = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{what} must be {word}, got {value!r}")
-    return int(value)
-
-
-def _scales(eps: Any) -> tuple[float, ...]:
-    items = [eps] if isinstance(eps, (int, float)) and not isinstance(eps, bool) else list(eps)
-    if not items:
-        raise ValueError("eps must be a positive loss scale or a non-empty list of them (e.g. eps=[1e-4, 1e-2])")
-    out = tuple(_positive(e, "eps (each loss scale ε)",
-                          "ε is the loss scale: the sampler runs at inverse temperature t = 1/ε; pass e.g. eps=1e-3.")
-                for e in items)
-    if len(set(out)) != len(out):
-        raise ValueError(f"eps lists a scale twice: {list(out)}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +66,6 @@ class LLCConfig:
         divergence_factor: a chain is stopped as diverged when ``t·L_B`` exceeds this factor
             times ``N/2 + 1`` (``N/2``: the largest learning coefficient of N parameters) or
             is not finite.
-        checkpoint_every: steps between mid-chain checkpoints (with a checkpoint path).
     """
 
     eps: float | Sequence[float]
@@ -100,49 +83,38 @@ class LLCConfig:
     output_positions: int | Sequence[int] | None = None
     drift_z: float = 4.0
     divergence_factor: float = 100.0
-    checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        put("eps", _scales(self.eps))
-        put("gamma", _positive(self.gamma, "gamma", "γ localises the sampler at θ*; pass e.g. gamma=100."))
+        put("eps", positive_floats(self.eps, "eps (each loss scale ε)", "ε is the loss scale: the sampler runs at "
+                                   "inverse temperature t = 1/ε; pass e.g. eps=1e-3."))
+        put("gamma", positive_float(self.gamma, "gamma", "γ localises the sampler at θ*; pass e.g. gamma=100."))
         if self.step_size is not None:
-            put("step_size", _positive(self.step_size, "step_size",
-                                       "Pass a positive SGLD step η, or step_size=None to choose it automatically."))
-        put("step_fraction", _positive(self.step_fraction, "step_fraction", "The automatic step aims at η·a_max = "
-                                       "step_fraction; values in (0, 2] are stable."))
+            put("step_size", positive_float(self.step_size, "step_size", "Pass a positive SGLD step η, or "
+                                            "step_size=None to choose it automatically."))
+        put("step_fraction", positive_float(self.step_fraction, "step_fraction",
+                                            "The automatic step aims at η·a_max = step_fraction; values in (0, 2] "
+                                            "are stable."))
         if self.step_fraction >= 4:  # type: ignore[operator]
             raise ValueError(f"step_fraction={self.step_fraction} is unstable: Langevin steps need η·a_max < 4; "
                              "pass a value in (0, 2].")
-        put("n_chains", _count(self.n_chains, "n_chains"))
-        put("n_draws", _count(self.n_draws, "n_draws", 4))
-        put("burn_in", _count(self.burn_in, "burn_in", 0))
-        try:
-            put("integrator", Integrator(self.integrator))
-        except ValueError:
-            raise ValueError(f"integrator must be one of {[i.value for i in Integrator]}, "
-                             f"got {self.integrator!r}") from None
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.batch_size is not None:
-            put("batch_size", _count(self.batch_size, "batch_size"))
+        put("n_chains", positive_int(self.n_chains, "n_chains"))
+        put("n_draws", int_at_least(self.n_draws, 4, "n_draws"))
+        put("burn_in", int_at_least(self.burn_in, 0, "burn_in"))
+        put("integrator", one_of(self.integrator, Integrator, "integrator"))
+        integer(self.seed, "seed")
+        put("batch_size", optional_positive_int(self.batch_size, "batch_size"))
         put("loss", as_loss(self.loss))
         if not isinstance(self.output, str) or not self.output:
             raise ValueError(f"output must be 'logits' or a hook name, got {self.output!r}")
         if self.behavioral_loss.needs_logits and self.output != LOGITS:
             raise ValueError(f"loss={self.behavioral_loss.name!r} needs output='logits' (it uses the softmax)")
-        if self.output_positions is not None:
-            items = [self.output_positions] if isinstance(self.output_positions, int) else list(self.output_positions)
-            if not items or any(isinstance(p, bool) or not isinstance(p, int) for p in items):
-                raise ValueError(f"output_positions must be an int or a non-empty list of ints, "
-                                 f"got {self.output_positions!r}")
-            put("output_positions", tuple(int(p) for p in items))
-        put("drift_z", _positive(self.drift_z, "drift_z", "It is the drift test's threshold in standard errors."))
-        put("divergence_factor", _positive(self.divergence_factor, "divergence_factor",
-                                           "A chain whose t·L_B exceeds it times N/2 + 1 is stopped as diverged."))
-        put("checkpoint_every", _count(self.checkpoint_every, "checkpoint_every"))
+        put("output_positions", int_tuple(self.output_positions, "output_positions"))
+        put("drift_z", positive_float(self.drift_z, "drift_z", "It is the drift test's threshold in standard errors."))
+        put("divergence_factor", positive_float(self.divergence_factor, "divergence_factor",
+                                                "A chain whose t·L_B exceeds it times N/2 + 1 is stopped as diverged."))
 
     @property
     def behavioral_loss(self) -> BehavioralLoss:
@@ -159,7 +131,7 @@ class LLCConfig:
         return self.burn_in + self.n_draws  # type: ignore[operator]
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything that changes the draws (``checkpoint_every`` does not)."""
+        """Everything that changes the draws."""
         return {"eps": list(self.scales), "gamma": self.gamma, "step_size": self.step_size,
                 "step_fraction": self.step_fraction, "n_chains": self.n_chains, "n_draws": self.n_draws,
                 "burn_in": self.burn_in, "integrator": Integrator(self.integrator).value, "seed": self.seed,
@@ -196,9 +168,8 @@ class ParamSubset:
                 raise ValueError(f"names must be a glob pattern or a non-empty list of them, got {names!r}")
             object.__setattr__(self, "names", tuple(items))
         for what in ("layer", "head"):
-            value = getattr(self, what)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+            if getattr(self, what) is not None:
+                nonnegative_int(getattr(self, what), what)
 
     @property
     def patterns(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ standard error are reported, with the traces. Chains can be checkpointed and res
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,9 +28,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..checkpoint import check_resumable
-from ..stats import atomic_save_safetensors, read_safetensors_metadata
-from ..stream import rank_and_world
+from ..checkpoint import atomic_save_safetensors, check_resumable, rank_path, read_safetensors_metadata
+from ..collection.options import StreamOptions
+from ..collection.stream import rank_and_world
 from .config import Integrator, LLCConfig, ParamSubset, as_subset
 from .sampler import (
     Chain,
@@ -259,12 +260,11 @@ def _scale_estimate(eps: float, step_size: float, choice: StepSizeChoice | None,
                          flags=flags)
 
 
+DEFAULT_CHECKPOINT_STEPS = 200  # the sampler's checkpoint_every (StreamOptions), in steps
+STREAM_FIELDS = {f.name for f in dataclasses.fields(StreamOptions)}
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
-
-def _rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
-    path = Path(path)
-    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
 
 def _save_checkpoint(path: Path, identity: dict[str, Any], chains: dict[tuple[int, int], Chain],
                      step_sizes: dict[int, tuple[float, StepSizeChoice | None]]) -> None:
@@ -403,14 +403,10 @@ def estimate_neff(
     *,
     params: ParamSubset | str | Sequence[str] | None = None,
     config: LLCConfig | None = None,
-    max_tokens: int | None = None,
     context: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
     callbacks: Sequence[ChainCallback] = (),
-    progress: bool = True,
-    distributed: bool | None = None,
-    **options: Any,
+    options: StreamOptions | None = None,
+    **keywords: Any,
 ) -> NeffResult:
     """Sample ``N_eff(ε) = 2 t E_t[L_B]`` at each ε of the sweep (docs/llc.md).
 
@@ -419,33 +415,37 @@ def estimate_neff(
             ``nn.Module`` mapping input rows to outputs (toy models; ``data`` is then the inputs).
         data: token ids, an iterable of batches or a ``datasets`` dataset (as ``collect`` takes);
             it is read once, up to ``max_tokens``, and ``z_θ*`` is cached per minibatch.
+            ``context``: tokens per sequence when ``data`` is text.
         eps: loss scale(s) ε (``t = 1/ε``); or give ``config=LLCConfig(eps=...)``.
         params: the parameters that move (``ParamSubset``, a glob or a list of globs); the rest
             stay at θ*. Default: every parameter.
         config: every sampler option (``LLCConfig``); or pass its fields as keywords
             (``gamma=``, ``n_chains=``, ``n_draws=``, ``burn_in=``, ``step_size=``, ``seed=``, ...).
-        checkpoint, resume: a safetensors path written after every chain and every
-            ``checkpoint_every`` steps (per rank under ``torch.distributed``); ``resume=True``
-            continues it, refusing one written by a different run (naming the field).
         callbacks: further ``ChainCallback`` objects (they see every step of every chain).
-        progress: a tqdm bar over the steps.
-        distributed: split chains over ``torch.distributed`` ranks (None: when initialised);
-            every rank returns the full result.
+        options: how it runs (``StreamOptions``; or its fields as keywords): ``max_tokens`` of
+            sampling data; a ``checkpoint`` path written after every chain and every
+            ``checkpoint_every`` steps (default 200; per rank under ``torch.distributed``),
+            ``resume=True`` continuing it and refusing one written by a different run (naming the
+            field); ``progress``; ``distributed``: split chains over ranks (None: when initialised),
+            every rank returning the full result.
 
     Returns:
         ``NeffResult``: per ε the mean over kept chains, their spread, a standard error, the
         per-chain estimates and traces, and the flags of chains left out.
     """
+    streaming = {k: keywords.pop(k) for k in list(keywords) if k in STREAM_FIELDS}
+    run = StreamOptions.of(options or StreamOptions(checkpoint_every=DEFAULT_CHECKPOINT_STEPS), "estimate_neff()",
+                           **streaming)
     if config is None:
         if eps is None:
             raise ValueError("pass eps= (a loss scale or a list of them, e.g. eps=[1e-3, 1e-2]) or config=")
-        config = LLCConfig(eps=eps, **options)
-    elif eps is not None or options:
+        config = LLCConfig(eps=eps, **keywords)
+    elif eps is not None or keywords:
         raise ValueError("pass either config=LLCConfig(...) or eps= and the options as keywords, not both")
     subset = as_subset(params)
     start = time.perf_counter()
-    rank, world = rank_and_world(distributed)
-    target = build_target(model, data, config, subset, max_tokens=max_tokens, context=context)
+    rank, world = rank_and_world(run.distributed)
+    target = build_target(model, data, config, subset, max_tokens=run.max_tokens, context=context)
     n_params = target.n_params
     limit = config.divergence_factor * (n_params / 2 + 1)
     identity = {"config": config.to_dict(), "subset": subset.to_dict(), "target": target.describe(),
@@ -459,8 +459,8 @@ def estimate_neff(
                                    seed=chain_seed(config.seed, i, c))
     mine = [key for k, key in enumerate(chains) if k % world == rank]
     step_sizes: dict[int, tuple[float, StepSizeChoice | None]] = {}
-    path = None if checkpoint is None else _rank_path(checkpoint, rank, world)
-    if path is not None and resume and path.exists():
+    path = None if run.checkpoint is None else rank_path(run.checkpoint, rank, world)
+    if path is not None and run.resume and path.exists():
         _load_checkpoint(path, identity, chains, step_sizes)
 
     def save() -> None:
@@ -468,7 +468,7 @@ def estimate_neff(
             _save_checkpoint(path, identity, {k: chains[k] for k in mine}, step_sizes)
 
     remaining = sum(config.n_steps - chains[k].step for k in mine if not chains[k].done)
-    bar = ProgressBar(remaining, enabled=progress)
+    bar = ProgressBar(remaining, enabled=run.progress)
     guard = DivergenceGuard(limit)
     saver = _Checkpointer(save)
     all_callbacks: list[ChainCallback] = [guard, bar, *callbacks, saver]
@@ -488,7 +488,7 @@ def estimate_neff(
                     step_sizes[i] = (choice.step_size, choice)
             chain.step_size = step_sizes[i][0]
             while not chain.done:
-                until = (chain.step // config.checkpoint_every + 1) * config.checkpoint_every if path else None
+                until = (chain.step // run.checkpoint_every + 1) * run.checkpoint_every if path else None
                 run_chain(target, chain, all_callbacks, until=until)
                 if not chain.done:
                     save()

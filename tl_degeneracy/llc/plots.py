@@ -9,13 +9,9 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..plots import save_figure as _save  # noqa: E402
-from .estimate import NeffResult  # noqa: E402
+from ..plotting import plt
+from ..plotting import save_figure as _save
+from .estimate import NeffResult
 
 
 def neff_curve(result: NeffResult, path: str | Path, kfac: Sequence[float | None] | None = None,

@@ -32,10 +32,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..data import TokenBatch
+from ..forward import output_at
 from ..generations import HookedModel, describe_model
+from ..hook_names import LOGITS, resolve_hooks
 from ..losses import BehavioralLoss
 from ..positions import position_mask
-from .config import LOGITS, LLCConfig, ParamSubset
+from .config import LLCConfig, ParamSubset
 
 HEAD_TENSORS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_Q", "attn.b_K", "attn.b_V")
 
@@ -265,10 +267,6 @@ def _digest(tensors: list[Tensor]) -> str:
     return h.hexdigest()
 
 
-class _StopForward(Exception):
-    pass
-
-
 class TransformerTarget(Target):
     """A TransformerLens model's logits (or a hook's activation) on token batches."""
 
@@ -282,8 +280,6 @@ class TransformerTarget(Target):
         self.slots = slots
         self.device = next(iter(model.parameters())).device
         if self.output != LOGITS:
-            from ..hook_names import resolve_hooks
-
             resolve_hooks(model, [self.output])
         positions = None if self.output_positions is None else list(self.output_positions)
         self.masks = [position_mask(positions, b.tokens.shape[0], b.tokens.shape[1], b.attention_mask,
@@ -301,21 +297,9 @@ class TransformerTarget(Target):
         b = self.batches[batch]
         tokens = b.tokens.to(self.device)
         kwargs = {} if b.attention_mask is None else {"attention_mask": b.attention_mask.to(self.device)}
-        if self.output == LOGITS:
-            z = self.module(tokens, **kwargs)
-        else:
-            captured: dict[str, Tensor] = {}
-
-            def grab(act: Tensor, hook: Any) -> None:
-                captured["z"] = act
-                raise _StopForward  # nothing after the output hook matters
-
-            try:
-                with self.module.hooks(fwd_hooks=[(self.output, grab)]):
-                    self.module(tokens, **kwargs)
-            except _StopForward:
-                pass
-            z = captured["z"]
+        # at a hook output nothing after the hook is computed
+        z = (self.module(tokens, **kwargs) if self.output == LOGITS
+             else output_at(self.module, tokens, self.output, kwargs))
         z = z.reshape(z.shape[0], z.shape[1], -1)
         mask = self.masks[batch]
         return z.reshape(-1, z.shape[-1]) if self.whole[batch] else z[mask]  # a view when every position counts

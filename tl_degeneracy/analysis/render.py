@@ -1,0 +1,41 @@
+"""Plots and ``report.html`` of an analysis folder, (re)drawn from the files on disk alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..basis.bases import InteractionBasis
+from ..collection.stats import Stats
+from ..sync.heads import head_sync_matrices
+from . import plots
+from .files import BASIS_FILE, EDGES_FILE, HTML_FILE, PCA_FILE, PLOTS_DIR, REPORT_FILE, STATS_FILE
+from .html import write_html
+from .interactions import interaction_figures
+from .llc import llc_figures
+from .report import AnalysisReport
+
+
+def render(out: str | Path) -> Path:
+    """(Re)draw ``plots/`` and ``report.html`` from the files ``analyze`` saved in ``out``."""
+    out = Path(out)
+    report = AnalysisReport.load(out / REPORT_FILE)
+    basis = InteractionBasis.load(out / BASIS_FILE)
+    pca = InteractionBasis.load(out / PCA_FILE)
+    stats = Stats.load(out / STATS_FILE)
+    folder = out / PLOTS_DIR
+    figures: dict[str, list[Path]] = {"spectra": [], "cumulative": [], "heads": [], "parameters": []}
+    for hook in basis.hooks:
+        figures["spectra"].append(plots.spectra(basis[hook], folder / f"spectrum_{hook}.png"))
+    figures["cumulative"].append(plots.cumulative(basis.layers, pca.layers, folder / "cumulative.png"))
+    if report.synchronized_heads is not None:
+        for layer in report.synchronized_heads.layers:
+            tv = head_sync_matrices(stats, layer).tv
+            figures["heads"].append(plots.head_sync_heatmap(tv, layer, report.synchronized_heads.threshold,
+                                                            folder / f"heads_layer{layer}.png"))
+    if report.degeneracy.per_layer:
+        figures["parameters"].append(plots.effective_parameters(report.degeneracy.per_layer,
+                                                                folder / "parameters.png"))
+    if report.interactions is not None and (out / EDGES_FILE).is_file():
+        figures.update(interaction_figures(out, report.interactions))
+    if report.llc is not None:
+        figures.update(llc_figures(out, report.llc))
+    return write_html(report, figures, out / HTML_FILE)
