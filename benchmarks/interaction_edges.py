@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tl_degeneracy.basis import fit_layer
     from tl_degeneracy.interactions.edges import (
         EdgeConfig,
-        _pair_contributions_backward,
-        _pair_contributions_forward,
+        pair_edges_backward,
+        pair_edges_forward,
     )
 
     cfg = model_config(args.preset, args.layers)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         with torch.no_grad():
             f_in, _ = graph()
-        _pair_contributions_forward(model, tokens, {}, source, target, f_in, [layers[1]], [layers[0]], mask, mask,
+        pair_edges_forward(model, tokens, {}, source, target, f_in, [layers[1]], [layers[0]], mask, mask,
                                     config("forward"))
         return time.perf_counter() - start
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         with torch.enable_grad():
             f_in, f_out = graph()
-            _pair_contributions_backward(f_out, f_in, [layers[1]], [layers[0]], mask, mask, config(method), 0, 0)
+            pair_edges_backward(f_out, f_in, [layers[1]], [layers[0]], mask, mask, config(method), 0, 0)
         return time.perf_counter() - start
 
     def run_rib_sample() -> float:

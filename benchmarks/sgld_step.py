@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from tl_degeneracy.llc import LLCConfig, ParamSubset
     from tl_degeneracy.llc.estimate import build_target
-    from tl_degeneracy.llc.sampler import Chain, Integrator, _Slots, run_chain, sgld_step
+    from tl_degeneracy.llc.sampler import Chain, Integrator, Slots, run_chain, sgld_step
 
     cfg = model_config(args.preset, args.layers)
     t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def sgld_run_chain() -> None:
         run_chain(target, chain, [], until=chain.step + args.batches)
 
-    slots = _Slots(target)
+    slots = Slots(target)
     stepping = Chain(scale=0, index=1, t=1e3, gamma=100.0, step_size=1e-12,
                      integrator=Integrator.LEIMKUHLER_MATTHEWS, n_steps=10**9, burn_in=0, seed=args.seed + 1)
     context = target.grads_for_slots()

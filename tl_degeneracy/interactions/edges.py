@@ -196,7 +196,7 @@ def _chunk_size(config: EdgeConfig, f_in: Tensor, width: int) -> int:
     return int(max(1, min(width, budget // max(per, 1))))
 
 
-def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[Basis], in_layers: list[Basis],
+def pair_edges_backward(f_out: Tensor, f_in: Tensor, out_layers: list[Basis], in_layers: list[Basis],
                         out_mask: Tensor, in_mask: Tensor, config: EdgeConfig, batch_index: int,
                         pair_index: int) -> list[EdgeAccumulator]:
     """``Σ_x Σ_t a²`` for one layer pair in every basis, from the live graph between ``f_in`` and ``f_out``.
@@ -261,7 +261,7 @@ def _pair_contributions_backward(f_out: Tensor, f_in: Tensor, out_layers: list[B
     return [EdgeAccumulator({"E": e, "n": n.clone()}) for e in E]
 
 
-def _pair_contributions_forward(model: HookedModel, tokens: Tensor, kwargs: dict[str, Any], source: str,
+def pair_edges_forward(model: HookedModel, tokens: Tensor, kwargs: dict[str, Any], source: str,
                                 target: str, f_in: Tensor, out_layers: list[Basis], in_layers: list[Basis],
                                 out_mask: Tensor, in_mask: Tensor, config: EdgeConfig) -> list[EdgeAccumulator]:
     """Exact ``Σ_x Σ_t a²`` by forward mode: ``a_tij`` for all ``i, t`` is the change of ``f̂_out(t)`` along
@@ -345,10 +345,10 @@ def edge_batch(model: HookedModel, batch: TokenBatch, config: EdgeConfig,
                                      f"the activations {f_in.shape[-1]}/{f_out.shape[-1]}: fitted on another model?")
             outs, ins = [layers[l + 1] for _, layers in config.bases], [layers[l] for _, layers in config.bases]
             if config.method is EdgeMethod.FORWARD:
-                accs = _pair_contributions_forward(model, tokens, kwargs, source, target, f_in, outs, ins,
+                accs = pair_edges_forward(model, tokens, kwargs, source, target, f_in, outs, ins,
                                                    masks[target], in_mask, config)
             else:
-                accs = _pair_contributions_backward(f_out, f_in, outs, ins, masks[target], in_mask, config,
+                accs = pair_edges_backward(f_out, f_in, outs, ins, masks[target], in_mask, config,
                                                     batch_index, l)
             if not all(bool(torch.isfinite(acc.tensors["E"]).all()) for acc in accs):
                 raise NonFiniteError(f"non-finite edges in batch {batch_index} between {source!r} and {target!r}: "

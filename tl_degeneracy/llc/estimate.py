@@ -262,6 +262,7 @@ def _scale_estimate(eps: float, step_size: float, choice: StepSizeChoice | None,
 
 DEFAULT_CHECKPOINT_STEPS = 200  # the sampler's checkpoint_every (StreamOptions), in steps
 STREAM_FIELDS = {f.name for f in dataclasses.fields(StreamOptions)}
+LLC_FIELDS = {f.name for f in dataclasses.fields(LLCConfig)}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -433,6 +434,11 @@ def estimate_neff(
         ``NeffResult``: per ε the mean over kept chains, their spread, a standard error, the
         per-chain estimates and traces, and the flags of chains left out.
     """
+    unknown = sorted(set(keywords) - STREAM_FIELDS - LLC_FIELDS)
+    if unknown:
+        raise TypeError(f"estimate_neff() got unexpected keyword argument(s) {unknown}; the sampler's options are "
+                        f"{sorted(LLC_FIELDS)} (LLCConfig) and the streaming options {sorted(STREAM_FIELDS)} "
+                        "(StreamOptions)")
     streaming = {k: keywords.pop(k) for k in list(keywords) if k in STREAM_FIELDS}
     run = StreamOptions.of(options or StreamOptions(checkpoint_every=DEFAULT_CHECKPOINT_STEPS), "estimate_neff()",
                            **streaming)

@@ -139,7 +139,7 @@ class ProgressBar(ChainCallback):
 
 # -- the step ------------------------------------------------------------------------------------
 
-class _Slots:
+class Slots:
     """θ* of every slot and the write-back of a chain's position."""
 
     def __init__(self, target: Target):
@@ -172,7 +172,7 @@ def _gradient(target: Target, params: list[torch.nn.Parameter], batch: int) -> t
     return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.Generator) -> None:
+def _update(slots: Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.Generator) -> None:
     """One Langevin update of every slot, in place (see the module docstring).
 
     Written as ``θ' = lerp(θ, θ*, ηγ/2) − (ηt/2) g + noise``: whole parameters are updated with
@@ -216,7 +216,7 @@ def _update(slots: _Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.G
         chain.noise, chain.fresh = fresh, chain.noise
 
 
-def sgld_step(target: Target, params: list[torch.nn.Parameter], slots: _Slots, chain: Chain,
+def sgld_step(target: Target, params: list[torch.nn.Parameter], slots: Slots, chain: Chain,
               callbacks: list[ChainCallback]) -> None:
     """One step of ``chain`` (its position already in the model): draw a minibatch, record
     ``L̂_B(θ)``, let the callbacks see it, update θ. The body of ``run_chain``'s loop."""
@@ -240,7 +240,7 @@ def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, u
     The chain's position, next noise and generators are kept on ``chain``, so a later call
     (or a restored checkpoint) continues exactly where this one stopped.
     """
-    slots = _Slots(target)
+    slots = Slots(target)
     stop_at = chain.n_steps if until is None else min(until, chain.n_steps)
     if chain.step == 0:
         for cb in callbacks:
@@ -330,7 +330,7 @@ def choose_step_size(target: Target, t: float, gamma: float, fraction: float, in
         if pilot.status is ChainStatus.DIVERGED:
             eta /= 10
             continue
-        slots = _Slots(target)
+        slots = Slots(target)
         try:
             slots.load(pilot.position)
             h1 = top_curvature(target, seed=seed + rounds)
