@@ -12,7 +12,7 @@ What is timed, on the same ``--batches`` × ``[batch_size, context]`` random tok
                   progress=False)`` call over all batches (so its per-call fixed cost counts)
 Breakdown items, over the same number of batches: the forward exactly as collect runs it
 (no-op hooks at the same points, ended once the last one has fired, as
-``batch_pass._forward_until_hooks_fired`` does), the float64 Gram matmuls alone
+``forward.forward_until`` does), the float64 Gram matmuls alone
 (``x.double().T @ x.double()`` for each hook on activations of the same shape), the library's
 per-hook work (``GramAccumulator.from_batch`` + finiteness check), and collect's per-call
 fixed cost (``describe_model``, a float64 checksum of every weight, + ``resolve_hooks``).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: builds two virtual environments (TL 4.x, the
-# main one, and TL 3.9.0; reinstalls only when pyproject.toml changed), runs ruff and mypy,
+# main one, and TL 3.9.0; reinstalls only when pyproject.toml changed), runs ruff, mypy and import-linter,
 # every test under TL 4.x and the model tests under TL 3.9.0, and compares the two
 # generations' statistics on identical weights. As root it also installs Debian's chromium
 # system-wide (apt-get) for the report screenshot test.
@@ -24,9 +24,10 @@ export TL_DEGENERACY_XGEN_DIR="$(mktemp -d)"
 trap 'rm -rf "$TL_DEGENERACY_XGEN_DIR"' EXIT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
-echo "== ruff and mypy"
+echo "== ruff, mypy and import-linter (the package's layers: pyproject.toml [tool.importlinter])"
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/lint-imports
 
 echo "== TransformerLens 3.9.0 (HookedTransformer): model tests"
 .venv-tl3/bin/python -m pytest -q -m models -p no:cacheprovider "$@"

@@ -21,7 +21,7 @@ from ..generations import HookedModel
 from ..hook_names import LOGITS, HookSpec, resolve_hooks
 from ..losses import MSE, BehavioralLoss, as_loss
 from ..positions import PositionSpec
-from ..validation import int_tuple, one_of, positive_int
+from ..validation import int_tuple, integer, one_of, positive_int
 from .observers import Observer
 from .readout import LinearReadout, find_readout
 
@@ -113,8 +113,7 @@ class JacobianConfig:
         if self.probe_space is ProbeSpace.RESIDUAL and (self.output != LOGITS or self.behavioral_loss.needs_logits):
             raise ValueError("probe_space='residual' needs output='logits' and loss='mse' (a linear read-out of the "
                              "unembedding input); use probe_space='auto' to fall back to vocabulary probes")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        integer(self.seed, "seed")
         if not (isinstance(self.output, str) or callable(self.output)):
             raise TypeError(f"output must be 'logits', a hook name or a callable, got {type(self.output).__name__}")
         if callable(self.output) and self.output_positions is not None:

@@ -24,6 +24,7 @@ from ..basis.protocol import Basis
 from ..basis.splice import splice
 from ..forward import model_device
 from ..generations import HookedModel
+from ..validation import positive_int
 
 
 @dataclass
@@ -104,8 +105,7 @@ def ablation_curves(
                          f"{tuple(labels.shape)}")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"ablation needs held-out token ids [n_seq, pos ≥ 2], got shape {tuple(tokens.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    positive_int(batch_size, "batch_size")
     if not bases:
         raise ValueError("pass at least one basis")
     first = next(iter(bases.values()))
