@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     if args.pretrained:
-        model = tld.generations.load_pretrained("gpt2", dtype=dtype, device=args.device)
+        model = tld.loading.load_pretrained("gpt2", dtype=dtype, device=args.device)
         vocab = int(model.cfg.d_vocab)
     else:
         cfg = model_config(preset)

@@ -2,7 +2,7 @@
 import pytest
 
 from tl_degeneracy.cli import main
-from tl_degeneracy.generations import hub_reachable
+from tl_degeneracy.loading import hub_reachable
 
 pytestmark = pytest.mark.models
 

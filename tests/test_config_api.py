@@ -491,11 +491,13 @@ def test_span_dim_uses_the_convention():
 
 
 @pytest.mark.models
-def test_degeneracy_counts_use_the_convention(tiny):
+def test_degeneracy_counts_use_the_convention():
     """A planted G at the unembedding's input: eigenvalues 1, 1e-6, 1e-10, 0, …: rank_G = 2 at rtol 1e-8."""
     from tl_degeneracy.collection.accumulators import GramAccumulator
     from tl_degeneracy.degeneracy import weight_matrices
+    from tl_degeneracy.testing import tiny_model
 
+    tiny = tiny_model(seed=0, normalization_type=None)  # W_U reads the residual stream itself: G as planted
     W_U = next(w for w in weight_matrices(tiny) if w.name == "W_U")
     d = W_U.d_in
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64))

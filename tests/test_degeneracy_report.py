@@ -20,6 +20,8 @@ from tl_degeneracy.degeneracy import (
     DegeneracyReport,
     degeneracy_hooks,
     degeneracy_report,
+    input_gram,
+    norm_affine,
     weight_matrices,
 )
 from tl_degeneracy.generations import model_from_tl_state_dict
@@ -64,6 +66,9 @@ def dense_ggn(model, toks):
             total = 0
             for lab, w in entries:
                 x = inputs[w.input_hook]
+                affine = None if w.input_norm is None else norm_affine(model, w.input_norm)
+                if affine is not None:  # the matrix reads the normalisation's output: n ⊙ w + b
+                    x = x * affine[0] + (0.0 if affine[1] is None else affine[1])
                 if w.in_slice is not None:
                     x = x[..., w.in_slice[0]:w.in_slice[1]]
                 y = x @ deltas[lab]
@@ -114,10 +119,8 @@ def collect_all(model, toks, exact=False):
                    observers=[HeadSync(), NeuronSync()], progress=False)
 
 
-def block_G_K(stats, w):
-    G = stats.gram(w.input_hook)
-    if w.in_slice is not None:
-        G = G[w.in_slice[0]:w.in_slice[1], w.in_slice[0]:w.in_slice[1]]
+def block_G_K(model, stats, w):
+    G = input_gram(model, stats, w)
     if w.output_hook == "logits":
         return G, torch.eye(w.d_out, dtype=torch.float64)
     K = stats.jacobian_gram(w.output_hook)
@@ -140,16 +143,18 @@ def test_counted_free_directions_are_exactly_free_in_the_dense_ggn():
     for w, (a, b), acc in zip(weight_matrices(model), ranges, report.matrices):
         block = ggn[a:b, a:b]
         assert block.diagonal().sum() > 1e-6 * scale, f"{acc.label}: perturbation did not reach the output"
-        G, K = block_G_K(stats, w)
+        G, K = block_G_K(model, stats, w)
         P = torch.kron(range_projector(G, 1e-9), range_projector(K, 1e-9))  # (d_in, d_out) row-major
         assert (block - P @ block @ P).abs().max() <= 1e-9 * block.abs().max(), acc.label
         # ...so the exact block's rank is at most the structural K-FAC rank.
         exact_rank = int((torch.linalg.eigvalsh(block) > 1e-10 * scale).sum())
         assert exact_rank <= acc.rank_G * acc.rank_K, acc.label
-    # LayerNorm: hook_normalized is centred (one zero eigenvalue of G), and everything written to
-    # the residual stream is read through a LayerNorm (one zero eigenvalue of K at hook_attn_out).
+    # LayerNorm: hook_normalized is centred, but W_Q reads n ⊙ w + b: with a bias the true input is
+    # full rank (G has no zero eigenvalue; biasless LayerNorm: test_layernorm_without_bias...), and
+    # everything written to the residual stream is read through a LayerNorm (one zero eigenvalue of K
+    # at hook_attn_out).
     q = report.matrix("W_Q", 0, 0)
-    assert (q.rank_G, q.free_from_G) == (SMALL["d_model"] - 1, SMALL["d_head"])
+    assert (q.rank_G, q.free_from_G) == (SMALL["d_model"], 0)
     o = report.matrix("W_O", 1, 1)
     assert (o.rank_K, o.free_from_K) == (SMALL["d_model"] - 1, SMALL["d_head"])
     u = report.matrix("W_U")
@@ -159,6 +164,27 @@ def test_counted_free_directions_are_exactly_free_in_the_dense_ggn():
     assert total_exact <= report.totals.nominal_weights - report.totals.free_combined
     assert report.totals.matrices_with_kfac == report.totals.matrices and not report.missing
     assert DegeneracyReport.from_json(report.to_json()) == report
+
+
+@pytest.mark.models
+def test_layernorm_without_bias_leaves_one_free_input_direction():
+    """With b = 0 the reading matrices' input n ⊙ w lies in the hyperplane Σ f_i / w_i = 0: one zero
+    eigenvalue of G, d_head free directions per head (d_out per MLP input) — and the dense GGN agrees."""
+    def no_bias(sd, cfg):
+        for key in list(sd):
+            if key.endswith((".ln1.b", ".ln2.b")) or key == "ln_final.b":
+                sd[key].zero_()
+
+    model = build(edit=no_bias)
+    toks = tokens(model, n=16)
+    report = degeneracy_report(model, collect_all(model, toks), rtol=1e-9)
+    q = report.matrix("W_Q", 0, 0)
+    assert (q.rank_G, q.free_from_G) == (SMALL["d_model"] - 1, SMALL["d_head"])
+    assert report.matrix("W_in", 1).free_from_G == SMALL["d_mlp"]
+    ggn, ranges = dense_ggn(model, toks)
+    a, b = ranges[[i for i, w in enumerate(weight_matrices(model)) if (w.layer, w.name, w.head) == (0, "W_Q", 0)][0]]
+    exact = int((torch.linalg.eigvalsh(ggn[a:b, a:b]) > 1e-10 * ggn.diagonal().max()).sum())
+    assert exact <= q.nominal - q.free_from_G
 
 
 def low_rank_embedding(r):
@@ -201,7 +227,7 @@ def test_missing_statistics_are_named_and_the_rest_is_counted():
                     observers=[HeadSync()], progress=False)
     report = degeneracy_report(model, stats)
     q = report.matrix("W_Q", 0, 1)
-    assert q.free_from_G == SMALL["d_head"] and q.rank_K is None and q.kfac_rank is None
+    assert q.free_from_G == 0 and q.rank_K is None and q.kfac_rank is None  # LayerNorm bias: full-rank input
     assert any("blocks.0.attn.hook_q" in m and "jacobians=True" in m for m in q.missing)
     assert report.matrix("W_in", 1).rank_G is None
     assert any("observers=[NeuronSync()]" in m for m in report.missing)

@@ -111,7 +111,14 @@ def test_gelu_duplicate_is_synchronized_but_rescaled_copy_is_not(device):
     cost = ns.neuron_sync_matrices(stats, 0).cost
     assert cost[0, 1] < 1e-12 and cost[1, 0] < 1e-12
     assert min(cost[0, 2], cost[2, 0]) > 1e-3
-    assert result.layers[0].dead == [5, 9]
+    # p ≡ −1 never fires, but GELU(−1) ≈ −0.159 is an output: not dead (E[f²] is not ≈ 0). The two
+    # constant neurons share r ≡ Φ(−1) and one linear part: a synchronized block of span 1.
+    mats = ns.neuron_sync_matrices(stats, 0)
+    assert mats.fires[5] == mats.fires[9] == 0
+    assert result.layers[0].dead == []
+    assert [b.neurons for b in result.layers[0].blocks if 5 in b.neurons] == [[5, 9]]
+    assert next(b for b in result.layers[0].blocks if 5 in b.neurons).s_a == 1
+    torch.testing.assert_close(mats.f2[5], torch.nn.functional.gelu(torch.tensor(-1.0, dtype=torch.float64)) ** 2)
 
 
 @pytest.mark.models

@@ -46,8 +46,8 @@ _EXPORTS: dict[str, str] = {
 }
 _ALIASES = {"LayerBasis": "LinearBasis"}  # the name of releases before basis kinds
 _SUBPACKAGES = {"collection", "basis", "sync", "degeneracy", "interactions", "llc", "analysis", "cli", "testing",
-                "default_model", "linalg", "losses", "hook_names", "generations", "data", "positions", "validation",
-                "forward", "checkpoint", "interrupts", "plotting"}
+                "default_model", "linalg", "losses", "hook_names", "generations", "loading", "data", "positions",
+                "validation", "forward", "checkpoint", "interrupts", "plotting"}
 
 __all__ = [
     "AdditiveAccumulator", "Basis", "BehavioralLoss", "CheckpointMismatchError", "DegeneracyReport",

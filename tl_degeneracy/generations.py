@@ -4,8 +4,9 @@ TL <= 3.x ships ``HookedTransformer``; TL 4.x replaced it with ``TransformerBrid
 Both expose the same hook API (``hook_dict``, ``hooks()``, ``run_with_hooks``,
 ``run_with_cache``) and the same hook names, which is all the collectors use. This
 module holds the few places where the generations differ: building a model from a
-TL-format state dict, loading a pretrained model, and describing a model so that a
-checkpoint or basis file can be checked against it.
+TL-format state dict and describing a model so that a checkpoint or basis file can be
+checked against it. Loading pretrained models (hub names, local folders, GGUF files) is
+``loading``'s.
 """
 from __future__ import annotations
 
@@ -63,10 +64,32 @@ def model_device(model: HookedModel) -> torch.device:
     return torch.device("cpu")
 
 
+def trainable_parameter_count(model: HookedModel) -> int:
+    """Distinct trainable parameter entries, tied weights once.
+
+    Parameters sharing storage count once (a bridge keeps Hugging Face's tied embedding and
+    unembedding as one tensor); so does an unembedding ``W_U`` equal to ``W_Eᵀ`` (TL 3.x copies a tied
+    checkpoint's embedding into its own ``W_U``). Weight processing that changes ``W_U`` (centring)
+    unties it, and it then counts.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset())
+        if p.requires_grad and key not in seen:
+            seen.add(key)
+            total += p.numel()
+    W_U, W_E = getattr(model, "W_U", None), getattr(model, "W_E", None)
+    if isinstance(W_U, torch.Tensor) and isinstance(W_E, torch.Tensor) and W_U.shape == W_E.T.shape \
+            and W_U.data_ptr() != W_E.data_ptr() and torch.equal(W_U.detach(), W_E.detach().T):
+        total -= W_U.numel()
+    return total
+
+
 def _cfg_summary(model: HookedModel) -> dict[str, Any]:
     cfg = getattr(model, "cfg", None)
     keys = ("model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
-            "act_fn", "normalization_type")
+            "act_fn", "normalization_type", "n_key_value_heads", "gated_mlp", "positional_embedding_type")
     return {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
 
 
@@ -151,72 +174,6 @@ def model_from_tl_state_dict(
         model.load_state_dict(convert_tl_checkpoint(state_dict, bridge_cfg), strict=True)
     if device is not None:
         model.to(device)
-    model.eval()
-    return model
-
-
-class HubUnavailableError(RuntimeError):
-    """Raised when a model name needs the Hugging Face hub and the hub cannot be reached."""
-
-
-HUB_OFFLINE_ADVICE = (
-    "Offline alternatives: omit the model to use the embedded default model, pass a local "
-    "Hugging Face model folder, or set HF_HUB_OFFLINE=1 with the model already in the HF cache."
-)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can we open a connection to the Hugging Face hub? (Fails fast instead of retrying for minutes.)"""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _needs_hub(name: str) -> bool:
-    import os
-    from pathlib import Path
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    return not Path(name).exists() and not offline
-
-
-def load_pretrained(
-    name: str,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-) -> torch.nn.Module:
-    """Load ``name`` the way the installed TL generation loads it.
-
-    TL 3.x: ``HookedTransformer.from_pretrained(name)`` (weights processed: LN folded,
-    writing weights centred). TL 4.x: ``TransformerBridge.boot_transformers(name)``
-    followed by ``enable_compatibility_mode()``, which applies the same processing.
-    ``name`` may also be a local Hugging Face model folder.
-    """
-    if _needs_hub(name) and not hub_reachable():
-        raise HubUnavailableError(f"cannot load {name!r}: the Hugging Face hub (huggingface.co) is not reachable "
-                                  f"from this machine. {HUB_OFFLINE_ADVICE}")
-    try:
-        if installed_generation() == 3:
-            from transformer_lens import HookedTransformer
-
-            model = HookedTransformer.from_pretrained(name, dtype=dtype, device=device)
-        else:
-            from transformer_lens import TransformerBridge
-
-            model = TransformerBridge.boot_transformers(name, dtype=dtype, device=device)
-            model.enable_compatibility_mode(disable_warnings=True)
-    except (OSError, ConnectionError) as exc:  # hub errors surface as OSError subclasses
-        raise HubUnavailableError(
-            f"could not load {name!r} ({type(exc).__name__}: {exc}). If it comes from the Hugging Face hub, "
-            f"the hub may be unreachable. {HUB_OFFLINE_ADVICE}"
-        ) from exc
     model.eval()
     return model
 

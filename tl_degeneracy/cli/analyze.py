@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..analysis.pipeline import analyze
     from ..collection.batch_pass import NonFiniteError
-    from ..generations import HubUnavailableError
     from ..hook_names import UnknownHookError, resolve_hooks
+    from ..loading import HubUnavailableError
 
     with interruptible(checkpoint, created):
         data = common.load_text_dataset(args.dataset)

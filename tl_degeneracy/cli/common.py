@@ -265,7 +265,7 @@ def load_text_dataset(spec: str | None) -> Any:
         if len(data) == 0:
             fail(f"--dataset {spec} is empty: it holds no rows.")
         return data
-    from ..generations import hub_reachable
+    from ..loading import hub_reachable
 
     if os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("1", "true") and not hub_reachable():
         fail(f"cannot load dataset {spec!r}: there is no such local file or folder and the Hugging Face hub "
@@ -287,7 +287,7 @@ def load_text_dataset(spec: str | None) -> Any:
 def load_model(name: str | None, dtype: str, device: str | None) -> Any:
     """The embedded model (``name`` None), a TransformerLens name or a local Hugging Face folder;
     the user's mistakes (hub unreachable, unknown name) become ``UsageError``."""
-    from ..generations import HubUnavailableError, load_pretrained
+    from ..loading import HubUnavailableError, load_pretrained
 
     try:
         if name is None:

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     config = interactions_config(args)
     from ..collection.batch_pass import NonFiniteError
-    from ..generations import HubUnavailableError
+    from ..loading import HubUnavailableError
 
     with interruptible(folder / EDGES_CHECKPOINT, nothing="before the first edge checkpoint; nothing was written"):
         data = common.load_text_dataset(args.dataset)

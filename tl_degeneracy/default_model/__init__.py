@@ -110,7 +110,7 @@ def load_model_or_default(name: str | None, device: str | torch.device | None = 
                           dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
     """``(model, name)``: the embedded model for None/"default"/"embedded", else a TL name or local
     HF folder; when the Hugging Face hub is unreachable, say so and fall back to the embedded model."""
-    from ..generations import HubUnavailableError, load_pretrained
+    from ..loading import HubUnavailableError, load_pretrained
 
     if name is None or name in EMBEDDED_NAMES:
         return load_default_model(dtype=dtype, device=device), DEFAULT_MODEL_NAME

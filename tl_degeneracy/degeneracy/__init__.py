@@ -7,10 +7,18 @@
 """
 from .account import DegeneracyReport, LayerTotals, MatrixAccount, Totals, degeneracy_report
 from .kfac import KfacSpectra, MatrixSpectra, covering, kfac_count, logit_hessian
-from .weights import WeightMatrix, degeneracy_hooks, weight_matrices
+from .weights import (
+    WeightMatrix,
+    degeneracy_hooks,
+    input_gram,
+    input_hooks,
+    norm_affine,
+    output_hooks,
+    weight_matrices,
+)
 
 __all__ = [
     "DegeneracyReport", "LayerTotals", "MatrixAccount", "Totals", "degeneracy_report", "KfacSpectra",
     "MatrixSpectra", "covering", "kfac_count", "logit_hessian", "WeightMatrix", "degeneracy_hooks",
-    "weight_matrices",
+    "input_gram", "input_hooks", "norm_affine", "output_hooks", "weight_matrices",
 ]

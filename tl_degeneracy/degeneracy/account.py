@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..generations import HookedModel, describe_model
+from ..generations import HookedModel, describe_model, trainable_parameter_count
 from ..linalg import DEFAULT_RTOL, rank
 from ..sync.heads import HEAD_SYNC, SynchronizedHeads, synchronized_heads
 from ..sync.neurons import NEURON_SYNC, SynchronizedNeurons, synchronized_neurons
@@ -72,14 +72,14 @@ class Totals:
     """The whole model's account (see ``DegeneracyReport.notes`` for the thresholds)."""
 
     nominal_weights: int  # Σ d_in·d_out over the covered weight matrices
-    nominal_model: int  # every parameter of the model
+    nominal_model: int  # distinct trainable parameters of the model, tied weights once
     free_from_G: int
     free_from_K: int
     free_combined: int
     kfac_rank: int
     synchronized_head_freedoms: int
     synchronized_neuron_freedoms: int
-    generic_head_freedoms: int  # 2·d_head²·n_heads·n_layers (informational, see below)
+    generic_head_freedoms: int  # 2·d_head²·n_kv_heads·n_layers (informational, see below)
     matrices_with_kfac: int
     matrices: int
     effective_parameters: int  # K-FAC rank − synchronisation freedoms
@@ -256,14 +256,16 @@ def _add_totals(report: DegeneracyReport, model: HookedModel, heads: Synchronize
     cfg = model.cfg
     head_total, neuron_total = sum(head_free.values()), sum(neuron_free.values())
     report.totals = Totals(
-        nominal_weights=sums["nominal"], nominal_model=sum(p.numel() for p in model.parameters()),
+        nominal_weights=sums["nominal"], nominal_model=trainable_parameter_count(model),
         free_from_G=sums["free_from_G"], free_from_K=sums["free_from_K"], free_combined=sums["free_combined"],
         kfac_rank=sums["kfac_rank"], synchronized_head_freedoms=head_total, synchronized_neuron_freedoms=neuron_total,
         # The paper's generic d_head² per head for each of the W_QK and W_OV factorisations
-        # (GL(d_head) acting on both factors and their biases). Informational: these directions
-        # move biases too, which the nominal (weights-only) count leaves out, so they are not
+        # (GL(d_head) acting on both factors and their biases); with grouped-query attention one GL(d_head)
+        # per key/value head (it must act on every query head of the group alike). Informational: these
+        # directions move biases too, which the nominal (weights-only) count leaves out, so they are not
         # subtracted below; with biases held fixed d_head² − d_head of each remain (docs/kfac_vs_exact.md).
-        generic_head_freedoms=2 * int(cfg.d_head) ** 2 * int(cfg.n_heads) * int(cfg.n_layers),
+        generic_head_freedoms=2 * int(cfg.d_head) ** 2 * int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+        * int(cfg.n_layers),
         matrices_with_kfac=sum(m.kfac_rank is not None for m in report.matrices), matrices=len(report.matrices),
         # N_eff estimate: K-FAC rank of the covered matrices minus the synchronisation freedoms
         # (which the per-matrix counts cannot see).

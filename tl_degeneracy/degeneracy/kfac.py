@@ -24,7 +24,7 @@ from ..generations import HookedModel
 from ..hook_names import LOGITS
 from ..linalg import psd_eigenvalues
 from ..losses import MSE, BehavioralLoss
-from .weights import WeightMatrix, weight_matrices
+from .weights import WeightMatrix, input_gram, weight_matrices
 
 _CHUNK = 1 << 22  # products formed at once: an outer product of W_U's spectra is d_model × d_vocab
 
@@ -81,11 +81,20 @@ class KfacSpectra:
         self.loss: BehavioralLoss = self.jacobians.behavioral_loss if self.jacobians is not None else MSE()
         cache: dict[tuple[str, str, tuple[int, int] | None], Tensor | None] = {}
 
-        def eigs(kind: str, hook: str, sl: tuple[int, int] | None) -> Tensor | None:
-            key = (kind, hook, sl)
+        def g_eigs(w: WeightMatrix) -> Tensor | None:
+            key = ("G", w.input_hook, w.in_slice)
             if key not in cache:
                 try:
-                    matrix = stats.gram(hook) if kind == "G" else stats.jacobian_gram(hook)
+                    cache[key] = psd_eigenvalues(input_gram(model, stats, w))
+                except KeyError:
+                    cache[key] = None
+            return cache[key]
+
+        def k_eigs(hook: str, sl: tuple[int, int] | None) -> Tensor | None:
+            key = ("K", hook, sl)
+            if key not in cache:
+                try:
+                    matrix = stats.jacobian_gram(hook)
                 except KeyError:
                     cache[key] = None
                 else:
@@ -94,7 +103,7 @@ class KfacSpectra:
 
         self.matrices: list[MatrixSpectra] = []
         for w in (weight_matrices(model) if matrices is None else matrices):
-            entry = MatrixSpectra(w, eigs("G", w.input_hook, w.in_slice), None)
+            entry = MatrixSpectra(w, g_eigs(w), None)
             if entry.g is None:
                 entry.missing.append(f"no activation Gram at {w.input_hook} (add it to collect's hooks)")
             if w.output_hook == LOGITS:
@@ -102,7 +111,7 @@ class KfacSpectra:
                 if why:
                     entry.missing.append(why)
             else:
-                entry.k = eigs("K", w.output_hook, w.out_slice)
+                entry.k = k_eigs(w.output_hook, w.out_slice)
                 if entry.k is None:
                     entry.missing.append(f"no Jacobian Gram at {w.output_hook} (collect it with jacobians=True)")
             self.matrices.append(entry)

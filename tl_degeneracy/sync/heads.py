@@ -153,8 +153,9 @@ class HeadBlock:
     layer: int
     heads: list[int]
     worst_distance: float  # largest within-block value of the chosen metric
-    value_ranks: list[int]  # rank of each head's W_V (d_head when assumed full rank)
-    freedoms: int  # Σ_{pairs} 2·r_h·r_h'
+    value_ranks: list[int]  # rank of each head's W_V (its key/value head's, with GQA; d_head when assumed full)
+    freedoms: int  # block_freedoms: (Σr)² − Σr² without GQA (2·r_h·r_h' per pair)
+    kv_heads: list[int] | None = None  # the key/value head of each query head (grouped-query attention)
 
 
 @dataclass
@@ -201,19 +202,62 @@ _MEANINGS = {
 }
 
 
-def _d_head(stats: Any, model: HookedModel | None) -> int:
+def _cfg(stats: Any, model: HookedModel | None) -> dict[str, Any]:
+    """The attention shape: from the model, else from the statistics' record of it."""
+    keys = ("d_head", "d_model", "n_heads", "n_key_value_heads")
     if model is not None:
-        return int(model.cfg.d_head)
+        return {k: getattr(model.cfg, k, None) for k in keys}
     cfg = (stats.run.model if stats.run is not None else {}).get("cfg", {})
-    if "d_head" not in cfg:
-        raise ValueError("d_head is unknown: pass model= (the stats' metadata does not record it)")
-    return int(cfg["d_head"])
+    if any(k not in cfg for k in keys[:3]):
+        raise ValueError("the attention shape (d_head, d_model, n_heads) is unknown: pass model= (the statistics' "
+                         "record does not hold it)")
+    return {k: cfg.get(k) for k in keys}
+
+
+def kv_head_of(n_heads: int, n_kv_heads: int) -> list[int]:
+    """The key/value head each query head reads (grouped-query attention repeats each KV head over
+    ``n_heads / n_kv_heads`` consecutive query heads, as TransformerLens and Hugging Face do)."""
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} key/value heads evenly")
+    return [h // (n_heads // n_kv_heads) for h in range(n_heads)]
 
 
 def value_ranks(model: HookedModel, layer: int, rtol: float = DEFAULT_RTOL) -> list[int]:
-    """Rank of each head's ``W_V`` (``[d_model, d_head]``) under the package convention (``linalg``)."""
-    W_V = model.blocks[layer].attn.W_V.detach().to(torch.float64)
+    """Rank of each key/value head's ``W_V`` (``[d_model, d_head]``) under the package convention (``linalg``).
+
+    Without grouped-query attention there is one per query head. TL 3.x stores a GQA model's own
+    ``_W_V`` (``[n_kv, ...]``) and repeats it in ``W_V``; the bridge's ``W_V`` is ``[n_kv, ...]`` already.
+    """
+    attn = model.blocks[layer].attn
+    cfg = getattr(model, "cfg", None)
+    own = getattr(attn, "_W_V", None)  # TL 3.x's stored key/value heads
+    W_V = (own if isinstance(own, Tensor) else attn.W_V).detach().to(torch.float64)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or getattr(cfg, "n_heads", None) or W_V.shape[0])
+    if W_V.shape[0] != n_kv:  # repeated to the query heads
+        W_V = W_V[:: W_V.shape[0] // n_kv]
     return [matrix_rank(w, rtol) for w in W_V]
+
+
+def block_freedoms(heads: list[int], kv_head: list[int], ranks: list[int], d_model: int) -> int:
+    """Free directions a block of mutually synchronized heads adds beyond the generic ones (docs/theory.md §4).
+
+    ``kv_head[h]``: the key/value head of query head ``h``; ``ranks[g]``: the rank of KV head ``g``'s ``W_V``.
+    With a shared pattern ``A`` the block computes ``A X Σ_g V_g (Σ_{h∈B, g(h)=g} O_h)``:
+    - heads of the block sharing a KV head ``g`` can trade output directions, ``O_h → O_h + Δ``,
+      ``O_h' → O_h' − Δ``: ``(m_g − 1)·r_g·d_model`` per KV head with ``m_g`` heads in the block;
+    - a KV head all of whose query heads are in the block can mix its values with those of any other KV
+      head the block reads, ``V_g → V_g + V_g' M``, the latter's heads absorbing it: ``r_g·r_g'``.
+    Without grouped-query attention (one head per KV head) this is ``(Σ r)² − Σ r²``, the paper's
+    ``2·r_h·r_h'`` per pair.
+    """
+    in_block: dict[int, int] = {}
+    for h in heads:
+        in_block[kv_head[h]] = in_block.get(kv_head[h], 0) + 1
+    group_size = {g: kv_head.count(g) for g in in_block}
+    whole = [g for g, m in in_block.items() if m == group_size[g]]
+    trade = sum((m - 1) * ranks[g] * d_model for g, m in in_block.items())
+    mix = sum(ranks[g] * ranks[other] for g in whole for other in in_block if other != g)
+    return trade + mix
 
 
 def synchronized_heads(
@@ -231,8 +275,9 @@ def synchronized_heads(
     Args:
         threshold: largest ``metric`` value at which two heads count as synchronized
             (default 0.05: on average at most 5% of the attention mass placed differently).
-        model: when given, each head's ``W_V`` rank adjusts the count
-            (``2·r_h·r_h'`` per pair); otherwise ``W_V`` is assumed full rank (``2·d_head²``).
+        model: when given, each key/value head's ``W_V`` rank adjusts the count (``block_freedoms``;
+            ``2·r_h·r_h'`` per pair without grouped-query attention); otherwise ``W_V`` is assumed full
+            rank (``2·d_head²`` per pair).
         metric: ``"tv"`` (mean total variation, in [0,1]) or ``"squared"`` (``D_hh'``).
         linkage: ``"components"`` or ``"complete"`` (see ``blocks_below``).
     """
@@ -241,23 +286,27 @@ def synchronized_heads(
     chosen = _head_sync_layers(stats) if layers is None else [int(l) for l in layers]
     if not chosen:
         raise KeyError("no head-synchronisation statistics: collect with observers=[HeadSync()]")
-    d_head = _d_head(stats, model)
+    cfg = _cfg(stats, model)
+    d_head, d_model, n_heads = int(cfg["d_head"]), int(cfg["d_model"]), int(cfg["n_heads"])
+    n_kv = int(cfg.get("n_key_value_heads") or n_heads)
+    kv_head = kv_head_of(n_heads, n_kv)
+    gqa = n_kv < n_heads
     result = SynchronizedHeads(
         threshold=float(threshold), metric=metric, linkage=linkage, meaning=_MEANINGS[metric],
-        rank_source=(f"rank of each head's W_V from the model (σ² > {rank_rtol:g}·σ_max²)"
-                     if model is not None
-                     else f"W_V assumed full rank (d_head = {d_head}); pass model= to rank-adjust"),
+        rank_source=(f"rank of each {'key/value ' if gqa else ''}head's W_V from the model "
+                     f"(σ² > {rank_rtol:g}·σ_max²)" if model is not None
+                     else f"W_V assumed full rank (d_head = {d_head}); pass model= to rank-adjust")
+        + (f"; grouped-query attention: {n_heads} query heads share {n_kv} key/value heads" if gqa else ""),
         layers=chosen,
     )
     for layer in chosen:
         dist = head_sync_matrices(stats, layer).metric(metric)
-        ranks = value_ranks(model, layer, rank_rtol) if model is not None else [d_head] * dist.shape[0]
+        ranks = value_ranks(model, layer, rank_rtol) if model is not None else [d_head] * n_kv
         total = 0
         for heads in blocks_below(dist, threshold, linkage):
-            r = [ranks[h] for h in heads]
-            # GL(Σr) mixing minus the generic Π GL(r_h): (Σr)² − Σr² = 2 Σ_{pairs} r r'.
-            freedoms = sum(r) ** 2 - sum(x * x for x in r)
-            result.blocks.append(HeadBlock(layer, heads, worst_within(dist, heads), r, freedoms))
+            freedoms = block_freedoms(heads, kv_head, ranks, d_model)
+            result.blocks.append(HeadBlock(layer, heads, worst_within(dist, heads), [ranks[kv_head[h]] for h in heads],
+                                           freedoms, [kv_head[h] for h in heads] if gqa else None))
             total += freedoms
         result.freedoms_per_layer[layer] = total
     return result

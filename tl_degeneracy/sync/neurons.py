@@ -1,10 +1,16 @@
 """Synchronized MLP neurons (docs/theory.md §4, paper §3.2, eqs. 17–22).
 
-Firing pattern ``r = f/p`` (``= 1`` where ``p = 0``), ``p`` = ``mlp.hook_pre``, ``f`` =
-``mlp.hook_post``. Neurons with the same firing pattern on the data form synchronized
-blocks ``S_a``: the input rows of a block can be mixed by a positive matrix and the output
-columns unmixed, giving ``s_a²`` directions (``s_a = dim span{p_k : k ∈ S_a}``, eq. 21–22)
-instead of the generic ``|S_a|`` per-neuron rescalings.
+A neuron's output is its *gate* times its *linear part*, ``f = r·p``:
+- plain MLPs (ReLU, GELU): ``p`` = ``mlp.hook_pre``, ``f`` = ``mlp.hook_post``, ``r = f/p`` the firing
+  pattern (``1[p > 0]`` for ReLU);
+- gated MLPs (SwiGLU, GeGLU: ``f = act(W_gate x) ⊙ W_in x``): ``p`` = ``mlp.hook_pre_linear`` (the
+  up-projection), ``r = f/p = act(gate)``, a smooth gate.
+Either way ``r = f/p`` (``= 1`` where ``p = 0``). Neurons with the same gate on the data form
+synchronized blocks ``S_a``: the linear parts of a block can be mixed by an invertible matrix (a
+positive one for ReLU, which must keep the firing pattern; any for a gate that does not read ``p``) and
+the output columns unmixed, giving ``s_a²`` directions (``s_a = dim span{p_k : k ∈ S_a}``, eq. 21–22)
+instead of the generic ``|S_a|`` per-neuron rescalings. A neuron is *dead* when its output vanishes on
+the data: ``E[f²] ≤ rtol × the layer's largest`` (ReLU: never fired; a smooth gate: ``act(gate) ≈ 0``).
 
 Cost of treating neuron ``j`` as synchronized with ``i``:
 ``c_ij = E[((r_i − r_j) p_j)²] / E[f_j²]`` = ``(E[r_i²p_j²] − 2E[r_i r_j p_j²] + E[f_j²]) / E[f_j²]``
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -39,12 +45,18 @@ def post_hook(layer: int) -> str:
     return act_name("post", layer)
 
 
+def linear_hook(layer: int, gated: bool) -> str:
+    """Where a neuron's linear part ``p`` is read: the up-projection of a gated MLP, else the preactivation."""
+    return act_name("pre_linear", layer) if gated else act_name("pre", layer)
+
+
 class NeuronSyncAccumulator(AdditiveAccumulator):
     """Sums over datapoints of one MLP layer (float64; ``fires`` and ``n`` int64).
 
     ``r2p2[i,j] = Σ r_i² p_j²``, ``rrp2[i,j] = Σ r_i r_j p_j²``, ``f2[j] = Σ f_j²``,
-    ``fires[j] = #{p_j > 0}``, ``S = Σ p pᵀ`` and ``s = Σ p`` (preactivation Gram, for
-    ``s_a``), ``n``.
+    ``fires[j]`` = datapoints where the gate's input is positive (``p_j > 0``; gated: ``act(gate_j) > 0``,
+    i.e. the gate's preactivation is positive), ``S = Σ p pᵀ`` and
+    ``s = Σ p`` (the linear parts' Gram, for ``s_a``), ``n``.
     """
 
     fields = ("r2p2", "rrp2", "f2", "fires", "S", "s", "n")
@@ -55,6 +67,7 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
         cls,
         pre: Float[Tensor, "n d_mlp"],
         post: Float[Tensor, "n d_mlp"],
+        gated: bool = False,
     ) -> NeuronSyncAccumulator:
         p = pre.detach().to(torch.float64)
         f = post.detach().to(torch.float64)
@@ -66,7 +79,7 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
             "r2p2": r.square().T @ p2,
             "rrp2": r.T @ (r * p2),
             "f2": f.square().sum(0),
-            "fires": (p > 0).sum(0).to(torch.int64),
+            "fires": (((r > 0) & ~zero) if gated else (p > 0)).sum(0).to(torch.int64),
             "S": p.T @ p,
             "s": p.sum(0),
             "n": torch.full((), p.shape[0], dtype=torch.int64, device=p.device),
@@ -75,26 +88,35 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
 
 @dataclass(frozen=True)
 class NeuronSync(LayerObserver):
-    """Observer: per-MLP-layer sums for neuron synchronisation (``layers=None``: every layer)."""
+    """Observer: per-MLP-layer sums for neuron synchronisation (``layers=None``: every layer).
+
+    ``gated`` (resolved from ``cfg.gated_mlp``): the linear part ``p`` is the up-projection
+    ``mlp.hook_pre_linear`` instead of ``mlp.hook_pre``.
+    """
 
     kind: ClassVar[str] = NEURON_SYNC
+    gated: bool | None = None
 
     def resolve(self, model: HookedModel) -> NeuronSync:
         if getattr(model.cfg, "attn_only", False):
             raise ValueError("NeuronSync needs MLP layers; this model is attention-only")
-        return super().resolve(model)  # type: ignore[return-value]
+        resolved = super().resolve(model)
+        return replace(resolved, gated=bool(getattr(model.cfg, "gated_mlp", False)))  # type: ignore[return-value]
+
+    def linear_hook(self, layer: int) -> str:
+        return linear_hook(layer, bool(self.gated))
 
     def hooks(self) -> list[str]:
-        return [h for l in self.layer_list for h in (pre_hook(l), post_hook(l))]
+        return [h for l in self.layer_list for h in (self.linear_hook(l), post_hook(l))]
 
     def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> Contribution:
         out: Contribution = {}
         for l in self.layer_list:
-            pre, post = cache[pre_hook(l)], cache[post_hook(l)]
+            pre, post = cache[self.linear_hook(l)], cache[post_hook(l)]
             # indices found where the mask is (the host, in a collect), so the device never waits
             idx = mask.reshape(-1).nonzero().squeeze(1).to(pre.device, non_blocking=True)
             flat = [a.reshape(-1, a.shape[-1]).index_select(0, idx) for a in (pre, post)]
-            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(*flat)
+            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(*flat, gated=bool(self.gated))
         return out
 
 
@@ -158,12 +180,13 @@ class NeuronBlock:
 class NeuronLayerSync:
     layer: int
     d_mlp: int
-    dead: list[int]  # never fired (p ≤ 0 on every datapoint); not in any block
+    dead: list[int]  # output ≈ 0 on the data (E[f²] ≤ dead_threshold); not in any block
     blocks: list[NeuronBlock] = field(default_factory=list)
     d_live: int = 0
     sum_s_squared: int = 0  # Σ_a s_a² over all live neurons' blocks, singletons included (eq. 22)
     sum_s_squared_minus_d: int = 0  # docs/theory.md §4: Σ s_a² − d (d = live neurons); can be < 0
     added_freedoms: int = 0  # Σ_blocks max(0, s_a² − |S_a|): what the degeneracy report adds
+    dead_threshold: float | None = None  # absolute: dead_rtol × the layer's largest E[f²]
 
 
 @dataclass
@@ -173,6 +196,7 @@ class SynchronizedNeurons:
     linkage: str
     meaning: str
     layers: dict[int, NeuronLayerSync] = field(default_factory=dict)
+    dead_rtol: float | None = None  # a neuron is dead when E[f²] ≤ dead_rtol × its layer's largest
 
     @property
     def blocks(self) -> list[NeuronBlock]:
@@ -219,6 +243,7 @@ def synchronized_neurons(
     model: HookedModel | None = None,
     *,
     span_rtol: float = DEFAULT_RTOL,
+    dead_rtol: float = DEFAULT_RTOL,
     linkage: Linkage = "components",
 ) -> SynchronizedNeurons:
     """Blocks of synchronized neurons, their ``s_a`` and ``Σ s_a² − d``, and dead neurons.
@@ -227,13 +252,14 @@ def synchronized_neurons(
         layer: one layer, several, or None for every layer with statistics.
         threshold: largest symmetric cost ``max(c_ij, c_ji)`` for a synchronized pair.
         model: optional; only checked against the statistics (``d_mlp``).
-        span_rtol: ``s_a`` counts eigenvalues of the block's preactivation Gram above
+        span_rtol: ``s_a`` counts eigenvalues of the block's linear parts' Gram above
             ``span_rtol`` × its largest.
+        dead_rtol: a neuron is dead when ``E[f_j²] ≤ dead_rtol ×`` the layer's largest ``E[f²]``.
 
-    Dead neurons (never ``p > 0``) are listed apart and left out of blocks and of ``d``:
-    every dead neuron is trivially synchronized with every other (``r ≡ 0`` for ReLU), and
-    its free directions already show as zero eigenvalues of ``G`` at ``mlp.hook_post``
-    and of ``K`` at ``mlp.hook_pre``. ``Σ s_a² − d`` (paper eq. 22 minus the generic
+    Dead neurons (output ≈ 0 on the data: a ReLU that never fired, a gate that stays shut) are
+    listed apart and left out of blocks and of ``d``: every dead neuron is trivially synchronized
+    with every other, and its free directions already show as zero eigenvalues of ``G`` at
+    ``mlp.hook_post`` and of ``K`` at its linear part's hook. ``Σ s_a² − d`` (paper eq. 22 minus the generic
     rescalings) is negative when a block's preactivations are linearly dependent
     (``s_a < |S_a|``, e.g. duplicated neurons): those freedoms are the ``G`` zero
     eigenvalues at ``mlp.hook_post``. ``added_freedoms`` counts only the surplus
@@ -248,18 +274,19 @@ def synchronized_neurons(
     if not chosen:
         raise KeyError("no neuron-synchronisation statistics: collect with observers=[NeuronSync()]")
     result = SynchronizedNeurons(threshold=float(threshold), span_rtol=float(span_rtol), linkage=linkage,
-                                 meaning=_MEANING)
+                                 meaning=_MEANING, dead_rtol=float(dead_rtol))
     for l in chosen:
         mats = neuron_sync_matrices(stats, l)
         cost, gram = mats.cost, mats.preact_gram
         d_mlp = cost.shape[0]
         if model is not None and int(model.cfg.d_mlp) != d_mlp:
             raise ValueError(f"the statistics have d_mlp = {d_mlp}, the model {model.cfg.d_mlp}")
-        dead = (mats.fires == 0).nonzero().flatten().tolist()
+        # dead: the output vanishes on the data, relative to the layer (the package's threshold convention)
+        cut = dead_rtol * float(mats.f2.max()) if mats.f2.numel() else 0.0
+        dead = (mats.f2 <= cut).nonzero().flatten().tolist()
         dead_set = set(dead)
-        live = [i for i in range(d_mlp) if i not in dead_set and float(mats.f2[i]) > 0]
-        # Live but silent (f ≡ 0 although p > 0 somewhere) cannot happen for ReLU/GELU.
-        out = NeuronLayerSync(layer=l, d_mlp=d_mlp, dead=dead, d_live=len(live))
+        live = [i for i in range(d_mlp) if i not in dead_set]
+        out = NeuronLayerSync(layer=l, d_mlp=d_mlp, dead=dead, d_live=len(live), dead_threshold=cut)
         in_blocks: set[int] = set()
         for members in blocks_below(cost, threshold, linkage, candidates=live):
             s_a = span_dim(gram[members][:, members], span_rtol)
