@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["NeuronSync", "NeuronSyncAccumulator", "neuron_sync_matrices", "synchronized_neurons"],
                     "sync.neurons"),
     **dict.fromkeys(["DegeneracyReport", "degeneracy_report"], "degeneracy.account"),
-    **dict.fromkeys(["degeneracy_hooks"], "degeneracy.weights"),
+    **dict.fromkeys(["degeneracy_hooks", "input_hooks", "output_hooks"], "degeneracy.weights"),
     **dict.fromkeys(["InteractionGraph"], "interactions.graph"),
     **dict.fromkeys(["collect_edges"], "interactions.edges"),
     **dict.fromkeys(["LLCConfig", "ParamSubset"], "llc.config"),
@@ -50,14 +50,14 @@ _SUBPACKAGES = {"collection", "basis", "sync", "degeneracy", "interactions", "ll
                 "validation", "forward", "checkpoint", "interrupts", "plotting"}
 
 __all__ = [
-    "AdditiveAccumulator", "Basis", "BehavioralLoss", "CheckpointMismatchError", "DegeneracyReport",
-    "EmptyDataError", "GramAccumulator", "HeadSync", "HeadSyncAccumulator", "InteractionBasis", "InteractionGraph",
-    "JacobianConfig", "KL", "LLCConfig", "LayerBasis", "LinearBasis", "MSE", "NeffResult", "NeuronSync",
-    "NeuronSyncAccumulator", "NonFiniteError", "Observer", "ParamSubset", "ProbeKind", "Progress", "RunConfig",
-    "RunRecord", "SpliceHandle", "Stats", "StreamOptions", "Terminated", "UnknownHookError", "act_name", "collect",
-    "collect_edges", "degeneracy_hooks", "degeneracy_report", "estimate_neff", "head_sync_matrices",
-    "neuron_sync_matrices", "register_basis_kind", "residual_hooks", "resolve_hooks", "splice", "splice_into",
-    "synchronized_heads", "synchronized_neurons", "unsplice", "__version__",
+    "AdditiveAccumulator", "Basis", "BehavioralLoss", "CheckpointMismatchError", "DegeneracyReport", "EmptyDataError",
+    "GramAccumulator", "HeadSync", "HeadSyncAccumulator", "InteractionBasis", "InteractionGraph", "JacobianConfig",
+    "KL", "LLCConfig", "LayerBasis", "LinearBasis", "MSE", "NeffResult", "NeuronSync", "NeuronSyncAccumulator",
+    "NonFiniteError", "Observer", "ParamSubset", "ProbeKind", "Progress", "RunConfig", "RunRecord", "SpliceHandle",
+    "Stats", "StreamOptions", "Terminated", "UnknownHookError", "act_name", "collect", "collect_edges",
+    "degeneracy_hooks", "degeneracy_report", "estimate_neff", "head_sync_matrices", "input_hooks",
+    "neuron_sync_matrices", "output_hooks", "register_basis_kind", "residual_hooks", "resolve_hooks", "splice",
+    "splice_into", "synchronized_heads", "synchronized_neurons", "unsplice", "__version__",
 ]
 
 
@@ -91,7 +91,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .collection.stats import Progress, RunRecord, Stats
     from .data import EmptyDataError
     from .degeneracy.account import DegeneracyReport, degeneracy_report
-    from .degeneracy.weights import degeneracy_hooks
+    from .degeneracy.weights import degeneracy_hooks, input_hooks, output_hooks
     from .hook_names import UnknownHookError, act_name, residual_hooks, resolve_hooks
     from .interactions.edges import collect_edges
     from .interactions.graph import InteractionGraph

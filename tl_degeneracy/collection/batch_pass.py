@@ -257,7 +257,7 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
     observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
     output_hook = readout.hook if readout is not None else settings.output_hook
     extra = [output_hook] if output_hook is not None else []
-    names = list(dict.fromkeys([*plan.hooks, *observer_hooks, *extra]))
+    names = list(dict.fromkeys([*plan.hooks, *plan.jacobian_hooks, *observer_hooks, *extra]))
     readout_hook = None if readout is None else readout.hook
     attention_mask = kwargs.get("attention_mask")
 
@@ -310,8 +310,10 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
             for name, g in zip(plan.jacobian_hooks, batched_vjp(z, inputs, chunk)):
                 if g is None:
                     raise NoGradientError(
-                        f"the output does not depend on hook point {name!r} (no gradient reaches it); "
-                        "choose hooks before the output, or a later output"
+                        f"the output does not depend on hook point {name!r} (no gradient reaches it): choose hooks "
+                        "before the output, or a later output. A hook read beside the computation (a bridge "
+                        "normalisation's hook_normalized) has no Jacobian either: ask for M only where it is "
+                        "needed with jacobian_hooks= (the degeneracy account: tl_degeneracy.output_hooks(model))"
                     )
                 # g: [probes, batch, pos, ...] → the selected datapoints of every probe
                 g = g if cut is None else cut.restore(g)

@@ -181,7 +181,9 @@ class RunConfig:
 
     Attributes:
         hooks: hook points with activation Grams ``G`` (names as the user wrote them).
-        jacobian_hooks: the subset with Jacobian Grams ``M`` (empty without Jacobians).
+        jacobian_hooks: hook points with Jacobian Grams ``M`` (empty without Jacobians): by default the
+            ``hooks``; any others get ``M`` only (the degeneracy account needs ``G`` at weight matrices'
+            inputs and ``M`` at their outputs, never both).
         positions: datapoints per sequence: None (all), ints (``[-1]``) or a boolean mask; or a
             dict ``{hook: positions}`` choosing them per hook (hooks not in it: all positions;
             observers then see every non-padding position) — one pass serves them all.
@@ -225,9 +227,6 @@ class RunConfig:
             if jac.output_hook is not None:
                 resolve_hooks(model, [jac.output_hook])
             m_names = names if jacobian_hooks is None else tuple(resolve_hooks(model, jacobian_hooks))
-            stray = [h for h in m_names if h not in names]
-            if stray:
-                raise ValueError(f"jacobian_hooks must be among hooks; not in hooks: {stray}")
         elif jacobian_hooks is not None:
             raise ValueError("jacobian_hooks given without jacobians: pass jacobians=True (or a JacobianConfig)")
         positive_int(batch_size, "batch_size")
@@ -236,7 +235,7 @@ class RunConfig:
             n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
             if n_ctx is not None and context > int(n_ctx):
                 raise ValueError(f"context={context} is longer than the model's n_ctx={n_ctx}")
-        positions = _normalise_positions(positions, names)
+        positions = _normalise_positions(positions, tuple(dict.fromkeys((*names, *m_names))))
         readout = None
         if jac is not None and jac.probe_space is not ProbeSpace.VOCABULARY:
             eligible = jac.output == LOGITS and not jac.behavioral_loss.needs_logits
@@ -271,7 +270,8 @@ class RunConfig:
 
     def gated_hooks(self) -> list[str]:
         """Every hook point the pass reads (switched on first where TransformerLens gates it)."""
-        return [*self.hooks, *(h for obs in self.observers for h in obs.hooks())]
+        observed = (h for obs in self.observers for h in obs.hooks())
+        return list(dict.fromkeys([*self.hooks, *self.jacobian_hooks, *observed]))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -84,7 +84,7 @@ def collect(
             ``blocks.*.hook_resid_pre``). Results are keyed by these names.
         jacobians: ``True`` (4 random probes of the MSE behavioural loss on the logits) or a
             ``JacobianConfig`` (``exact=True``, ``n_probes``, ``loss="kl"``, ``output``, ...).
-        jacobian_hooks: only these of ``hooks`` get ``M`` (default: all of them).
+        jacobian_hooks: hook points with ``M`` (default: ``hooks``); others than ``hooks`` get ``M`` only.
         observers: e.g. ``[HeadSync(), NeuronSync()]``.
         positions: datapoints per sequence: None (all), e.g. ``[-1]``, or a boolean mask.
         batch_size: sequences per batch; context: tokens per sequence for text data.

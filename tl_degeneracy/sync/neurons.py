@@ -115,8 +115,8 @@ class NeuronSync(LayerObserver):
             pre, post = cache[self.linear_hook(l)], cache[post_hook(l)]
             # indices found where the mask is (the host, in a collect), so the device never waits
             idx = mask.reshape(-1).nonzero().squeeze(1).to(pre.device, non_blocking=True)
-            flat = [a.reshape(-1, a.shape[-1]).index_select(0, idx) for a in (pre, post)]
-            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(*flat, gated=bool(self.gated))
+            p, f = (a.reshape(-1, a.shape[-1]).index_select(0, idx) for a in (pre, post))
+            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(p, f, gated=bool(self.gated))
         return out
 
 
