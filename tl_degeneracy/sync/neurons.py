@@ -101,7 +101,8 @@ class NeuronSync(LayerObserver):
         if getattr(model.cfg, "attn_only", False):
             raise ValueError("NeuronSync needs MLP layers; this model is attention-only")
         resolved = super().resolve(model)
-        return replace(resolved, gated=bool(getattr(model.cfg, "gated_mlp", False)))  # type: ignore[return-value]
+        assert isinstance(resolved, NeuronSync)
+        return replace(resolved, gated=bool(getattr(model.cfg, "gated_mlp", False)))
 
     def linear_hook(self, layer: int) -> str:
         return linear_hook(layer, bool(self.gated))
