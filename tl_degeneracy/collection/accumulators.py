@@ -101,18 +101,28 @@ class GramAccumulator(AdditiveAccumulator):
         })
 
     @classmethod
-    def from_batch(cls, f: Float[Tensor, "n d"], weight: float = 1.0) -> GramAccumulator:
+    def from_batch(cls, f: Float[Tensor, "n d"], weight: float = 1.0, count: int | None = None) -> GramAccumulator:
         """The sums of one batch of datapoints (``f`` is cast to float64 first).
 
-        ``weight`` multiplies ``S`` and ``s`` (not ``n``): the 1/S of a probe average.
+        ``weight`` multiplies ``S`` and ``s`` (not ``n``): the 1/S of a probe average. ``count``: the
+        datapoints ``n`` stands for (default: the rows of ``f``).
         """
         f64 = f.detach().to(torch.float64)
         return cls({
             "S": (f64.T @ f64) * weight if weight != 1.0 else f64.T @ f64,
             "s": f64.sum(0) * weight,
             # full(), not tensor(): a host scalar copied to a GPU would wait for the stream
-            "n": torch.full((), f.shape[0], dtype=torch.int64, device=f.device),
+            "n": torch.full((), f.shape[0] if count is None else count, dtype=torch.int64, device=f.device),
         })
+
+    def add_batch_(self, f: Float[Tensor, "n d"], weight: float = 1.0, count: int | None = None) -> GramAccumulator:
+        """Add one batch's sums in place: ``S += w fᵀf`` in one GEMM, with no ``d × d`` temporary (a
+        GB-sized collection then needs no second copy of its state). Returns self."""
+        f64 = f.detach().to(torch.float64)
+        self.tensors["S"].addmm_(f64.T, f64, alpha=weight)
+        self.tensors["s"].add_(f64.sum(0), alpha=weight)
+        self.tensors["n"] += f.shape[0] if count is None else count
+        return self
 
     @property
     def dim(self) -> int:

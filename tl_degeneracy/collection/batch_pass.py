@@ -1,12 +1,16 @@
 """One batch through the model under hooks → the batch's contribution to every accumulator.
 
-Nothing here touches the running totals: ``collect`` adds a batch only once all of it came
-out finite, so a bad batch never corrupts what was accumulated before it.
+Given the running totals (``into``), a batch adds its Grams to them in place (one GEMM per hook,
+no second ``d × d`` copy: what lets a GB-sized state fit in memory) and returns new accumulators
+only for keys not there yet; without them, everything is returned and nothing is touched. Either
+way a batch is checked whole before the driver saves anything: a non-finite batch raises, and the
+driver then saves nothing (the last checkpoint stands). A batch whose tail cut may be retried is
+always buffered, so a retry never counts anything twice.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -33,16 +37,15 @@ class NoGradientError(RuntimeError):
 
 
 class _FiniteChecks:
-    """Finiteness of every accumulator of a batch (and the tail cut's agreement with the full
+    """Finiteness of every Gram input of a batch (and the tail cut's agreement with the full
     forward, when there is one), checked with one device sync per batch."""
 
     def __init__(self) -> None:
         self.items: list[tuple[Tensor, str, str]] = []
         self.cut_agrees: Tensor | None = None
 
-    def add(self, acc: GramAccumulator, what: str, hook: str) -> None:
-        flag = torch.isfinite(acc.tensors["s"]).all() & torch.isfinite(acc.tensors["S"].diagonal()).all()
-        self.items.append((flag, what, hook))
+    def add(self, f: Tensor, what: str, hook: str) -> None:
+        self.items.append((torch.isfinite(f).all(), what, hook))
 
     def check(self, batch_index: int) -> None:
         flags = [flag for flag, _, _ in self.items] + ([] if self.cut_agrees is None else [self.cut_agrees])
@@ -54,9 +57,37 @@ class _FiniteChecks:
         what, hook = next((w, h) for flag, w, h in self.items if not bool(flag))
         raise NonFiniteError(
             f"non-finite {what} (NaN or Inf) at hook point {hook!r} in batch {batch_index}; "
-            "nothing from this batch was added. Check the model's dtype (float16 overflows) and "
-            "the input tokens."
+            "nothing from this batch is kept (the last checkpoint stands). Check the model's dtype (float16 "
+            "overflows) and the input tokens."
         )
+
+
+class _Sums:
+    """Where one batch's sums go: into the running accumulators (``running``) in place, or into new
+    ones (keys not there yet, or no ``running``), which ``run_batch`` returns."""
+
+    def __init__(self, running: dict[tuple[str, str], AdditiveAccumulator] | None, checks: _FiniteChecks):
+        self.running = running if running is not None else {}
+        self.new: dict[tuple[str, str], AdditiveAccumulator] = {}
+        self.checks = checks
+
+    def gram(self, key: tuple[str, str], f: Tensor, weight: float = 1.0, count: int | None = None,
+             what: str = "activations") -> None:
+        """Add ``w fᵀf``, ``w Σf`` and ``count`` datapoints (default: the rows of ``f``) under ``key``."""
+        self.checks.add(f, what, key[1])
+        acc = self.running.get(key, self.new.get(key))
+        if acc is None:
+            self.new[key] = GramAccumulator.from_batch(f, weight, count)
+        else:
+            assert isinstance(acc, GramAccumulator)
+            acc.add_batch_(f, weight, count)
+
+    def add(self, key: tuple[str, str], contribution: AdditiveAccumulator) -> None:
+        acc = self.running.get(key, self.new.get(key))
+        if acc is None:
+            self.new[key] = contribution
+        else:
+            acc.add_(contribution)
 
 
 def _flat(act: Tensor) -> Tensor:
@@ -115,15 +146,17 @@ def run_batch(
     batch: TokenBatch,
     plan: RunConfig,
     batch_index: int,
+    into: dict[tuple[str, str], AdditiveAccumulator] | None = None,
 ) -> dict[tuple[str, str], AdditiveAccumulator]:
-    """Every accumulator's contribution from one batch (nothing is added anywhere)."""
+    """One batch's sums: added in place to the accumulators of ``into`` where they exist, the rest
+    returned as new accumulators (all of them without ``into``; see the module docstring)."""
     device = model_device(model)
     tokens = to_device(batch.tokens, device)
     B, T = tokens.shape
     attention_mask = None if batch.attention_mask is None else to_device(batch.attention_mask, device)
     masks = _Masks(plan, B, T, batch.attention_mask, device)
     checks = _FiniteChecks()
-    out: dict[tuple[str, str], AdditiveAccumulator] = {}
+    sums = _Sums(into, checks)
     observer_hooks = [h for obs in plan.observers for h in obs.hooks()]
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
 
@@ -132,9 +165,7 @@ def run_batch(
 
         def gram_hook(name: str):
             def hook(act: Tensor, hook: Any) -> None:
-                acc = GramAccumulator.from_batch(_datapoints(act, masks.select(name)))
-                checks.add(acc, "activations", name)
-                out[(ACTIVATIONS, name)] = acc
+                sums.gram((ACTIVATIONS, name), _datapoints(act, masks.select(name)))
 
             return hook
 
@@ -147,30 +178,41 @@ def run_batch(
         fwd = [(n, gram_hook(n)) for n in plan.hooks] + [(n, cache_hook(n)) for n in dict.fromkeys(observer_hooks)]
         with torch.no_grad():
             forward_until(model, tokens, kwargs, fwd, stop_early=True)
-        for obs in plan.observers:
-            out.update(obs.compute(cache, masks.observers))
+        _observe(plan, cache, masks, sums)
         checks.check(batch_index)
-        return out
+        return sums.new
 
     assert plan.jacobians is not None
     cut = tail_cut(model, plan.jacobians, T)
     if cut is not None:
         cut = replace(cut, kept=to_device(cut.kept, device))
+        buffered = _Sums(None, checks)  # a failed cut reruns the batch: nothing may be added twice
         try:
-            _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, out, checks, cut)
+            _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, buffered, checks, cut)
             checks.check(batch_index)
-            return out
+            for key, acc in buffered.new.items():
+                sums.add(key, acc)
+            return sums.new
         except NoGradientError:
             raise  # the user's hook choice, not the cut: the full run would raise it too
         except RuntimeError as err:  # a shape error inside the cut forward, or TailCutMismatch
             warnings.warn(f"exact Jacobians: this model does not allow cutting the tail to the output positions "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the batch "
                           "is run in full instead (correct, slower)", RuntimeWarning, stacklevel=2)
-            out.clear()
             checks = _FiniteChecks()
-    _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, out, checks)
+            sums.checks = checks
+    _run_batch_with_jacobians(model, tokens, masks, plan, batch_index, kwargs, sums, checks)
     checks.check(batch_index)
-    return out
+    return sums.new
+
+
+def _observe(plan: RunConfig, cache: dict[str, Tensor], masks: _Masks, sums: _Sums) -> None:
+    """Every observer's contribution, added as each arrives (an observer may yield them layer by layer)."""
+    for obs in plan.observers:
+        contributions = obs.compute(cache, masks.observers)
+        pairs = contributions.items() if isinstance(contributions, Mapping) else contributions
+        for key, acc in pairs:
+            sums.add(key, acc)
 
 
 def chunked(probes: Iterable[Tensor], size: int) -> Iterator[list[Tensor]]:
@@ -236,7 +278,7 @@ def probe_chunk_size(settings: JacobianConfig, z: Tensor, inputs: list[Tensor]) 
 
 
 def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunConfig, batch_index: int,
-                              kwargs: dict, out: dict, checks: _FiniteChecks, cut: TailCut | None = None) -> None:
+                              kwargs: dict, sums: _Sums, checks: _FiniteChecks, cut: TailCut | None = None) -> None:
     """Activation Grams, observers and probe gradients of one batch. With a tail ``cut`` the
     activations come from a full forward without a graph, and the graph's forward is cut."""
     settings = plan.jacobians
@@ -263,11 +305,8 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
 
     def activations() -> None:
         for name in plan.hooks:
-            acc = GramAccumulator.from_batch(_datapoints(captured[name].detach(), masks.select(name)))
-            checks.add(acc, "activations", name)
-            out[(ACTIVATIONS, name)] = acc
-        for obs in plan.observers:
-            out.update(obs.compute({k: v.detach() for k, v in captured.items()}, masks.observers))
+            sums.gram((ACTIVATIONS, name), _datapoints(captured[name].detach(), masks.select(name)))
+        _observe(plan, {k: v.detach() for k, v in captured.items()}, masks, sums)
 
     z_full = None
     if cut is not None:
@@ -305,7 +344,6 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
             probes = random_probes(z, settings.n_probes, settings.probe, gen, space)
             weight = 1.0 / settings.n_probes
         inputs = [captured[n] for n in plan.jacobian_hooks]
-        jac: dict[str, GramAccumulator] = {}
         for chunk in chunked(probes, probe_chunk_size(settings, z, inputs)):
             for name, g in zip(plan.jacobian_hooks, batched_vjp(z, inputs, chunk)):
                 if g is None:
@@ -320,9 +358,8 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
                 g = g.flatten(3).flatten(1, 2)  # [probes, batch·pos, d]
                 select = masks.select(name)
                 g = (g if select is None else g.index_select(1, select)).reshape(-1, g.shape[-1])
-                acc = GramAccumulator.from_batch(g, weight=weight)
-                jac[name] = acc if name not in jac else jac[name].add_(acc)
-    for name, acc in jac.items():
-        acc.tensors["n"] = masks.mask(name).sum().to(torch.int64)  # datapoints, not probes × datapoints
-        checks.add(acc, "Jacobian probes", name)
-        out[(JACOBIANS, name)] = acc
+                sums.gram((JACOBIANS, name), g, weight=weight, count=0, what="Jacobian probes")
+    for name in plan.jacobian_hooks:  # datapoints, not probes × datapoints
+        acc = sums.running.get((JACOBIANS, name), sums.new.get((JACOBIANS, name)))
+        assert acc is not None
+        acc.tensors["n"] += masks.mask(name).sum().to(torch.int64)

@@ -50,6 +50,12 @@ class GramPass:
                   batch_index: int) -> dict[tuple[str, str], AdditiveAccumulator]:
         return run_batch(model, batch, self.config, batch_index)
 
+    def run_batch_into(self, model: HookedModel, batch: TokenBatch, batch_index: int,
+                       running: dict[tuple[str, str], AdditiveAccumulator]
+                       ) -> dict[tuple[str, str], AdditiveAccumulator]:
+        """Add the batch to ``running`` in place; return the accumulators it does not hold yet."""
+        return run_batch(model, batch, self.config, batch_index, into=running)
+
 
 _BUILD_DEFAULTS = (None, False, None, (), None, 8, None)
 

@@ -10,9 +10,9 @@ subclass ``Observer``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 from jaxtyping import Bool
 from torch import Tensor
@@ -20,7 +20,10 @@ from torch import Tensor
 from ..generations import HookedModel
 from .accumulators import AdditiveAccumulator
 
-Contribution = dict[tuple[str, str], AdditiveAccumulator]
+# One batch's accumulators by (group, name): a dict, or pairs yielded one at a time (an observer of many
+# layers can yield layer by layer, so that only one layer's contribution is alive at once).
+Contribution = Union[Mapping[tuple[str, str], AdditiveAccumulator],
+                     Iterable[tuple[tuple[str, str], AdditiveAccumulator]]]
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,13 @@ from ..checkpoint import CheckpointMismatchError, check_resumable, rank_path
 from ..data import EmptyDataError, TokenBatch, iter_batches
 from ..generations import HookedModel, describe_model
 from ..hook_names import enable_gated_hooks
-from ..interrupts import Terminated, sigterm_as_interrupt
+from ..interrupts import DeferredInterrupts, Terminated, sigterm_as_interrupt
 from .accumulators import AdditiveAccumulator
 from .options import StreamOptions
 from .stats import Progress, RunRecord, Stats
+
+SAVE_TIME_FACTOR = 20  # checkpoints that take SLOW_SAVE_SECONDS or more are this many times their writing time
+SLOW_SAVE_SECONDS = 0.5  # apart at least (a GB-sized state: ≤ 5% of the run spent writing it)
 
 __all__ = ["StreamPlan", "stream", "Terminated", "sigterm_as_interrupt", "run_record", "rank_and_world"]
 
@@ -125,17 +128,24 @@ def stream(model: HookedModel, data: Any, plan: StreamPlan, options: StreamOptio
     digest, replayed_tokens = "", 0
     replayed = skip == 0  # until the skipped batches are re-read and checked, the checkpoint on disk stays
 
+    save_seconds = 0.0  # how long the last checkpoint took to write
+
     def save_checkpoint() -> None:
+        nonlocal save_seconds
         if ckpt_path is not None and replayed:
+            start = time.monotonic()
             stats.progress = Progress(next_batch, tokens_seen, digest, world)
             stats.save(ckpt_path)
+            save_seconds = time.monotonic() - start
 
+    accumulate = getattr(plan, "run_batch_into", None)  # adds to the running sums in place, when the plan can
     undo = enable_gated_hooks(model, plan.gated_hooks())
     bar = tqdm(total=max_tokens, initial=tokens_seen, unit="tok", unit_scale=True, disable=not options.progress,
                desc=desc, dynamic_ncols=True)
     last_save = time.monotonic()
+    in_batch = False  # the running sums hold part of a batch: nothing may be saved now
     try:
-        with sigterm_as_interrupt():
+        with DeferredInterrupts() as interrupts:
             for index, batch in enumerate(iter_batches(data, model, plan.batch_size, plan.context)):
                 if index < skip:  # done before the checkpoint we resumed from: re-read to check the data
                     batch = _trim(batch, max_tokens, replayed_tokens)
@@ -154,18 +164,28 @@ def stream(model: HookedModel, data: Any, plan: StreamPlan, options: StreamOptio
                     break
                 batch = _trim(batch, max_tokens, tokens_seen)
                 if index % world == rank:
-                    _add(stats, plan.run_batch(model, batch, index))
+                    in_batch = interrupts.holding = True
+                    if accumulate is not None:
+                        _add(stats, accumulate(model, batch, index, stats.accumulators))
+                    else:
+                        _add(stats, plan.run_batch(model, batch, index))
                     stats.n_tokens += batch.n_tokens
                     stats.n_batches += 1
+                    in_batch = interrupts.holding = False
                 digest = _chain(digest, batch)
                 tokens_seen += batch.n_tokens
                 next_batch = index + 1
                 bar.update(batch.n_tokens)
-                if next_batch % checkpoint_every == 0 or time.monotonic() - last_save >= checkpoint_seconds:
+                due = next_batch % checkpoint_every == 0 or time.monotonic() - last_save >= checkpoint_seconds
+                # a GB-sized state takes seconds to write: then never spend more than ~5% of the time on it
+                slow = save_seconds >= SLOW_SAVE_SECONDS
+                if due and (not slow or time.monotonic() - last_save >= SAVE_TIME_FACTOR * save_seconds):
                     save_checkpoint()
                     last_save = time.monotonic()
+                interrupts.check()  # Ctrl-C / SIGTERM that came during the batch: raised here, once it is whole
     except KeyboardInterrupt:
-        save_checkpoint()  # only whole batches are ever added: a clean resume point
+        if not in_batch:  # a second Ctrl-C mid-batch: the running sums are partial, the last checkpoint stands
+            save_checkpoint()
         raise
     finally:
         bar.close()

@@ -19,7 +19,7 @@ Cost of treating neuron ``j`` as synchronized with ``i``:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -28,7 +28,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..collection.accumulators import AdditiveAccumulator
-from ..collection.observers import Contribution, LayerObserver
+from ..collection.observers import LayerObserver
 from ..generations import HookedModel
 from ..hook_names import act_name, layer_of
 from ..linalg import DEFAULT_RTOL, gram_rank
@@ -110,15 +110,15 @@ class NeuronSync(LayerObserver):
     def hooks(self) -> list[str]:
         return [h for l in self.layer_list for h in (self.linear_hook(l), post_hook(l))]
 
-    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> Contribution:
-        out: Contribution = {}
+    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]
+                ) -> Iterator[tuple[tuple[str, str], NeuronSyncAccumulator]]:
+        # one layer at a time: three d_mlp × d_mlp float64 sums each, added before the next is made
         for l in self.layer_list:
             pre, post = cache[self.linear_hook(l)], cache[post_hook(l)]
             # indices found where the mask is (the host, in a collect), so the device never waits
             idx = mask.reshape(-1).nonzero().squeeze(1).to(pre.device, non_blocking=True)
             p, f = (a.reshape(-1, a.shape[-1]).index_select(0, idx) for a in (pre, post))
-            out[(NEURON_SYNC, pre_hook(l))] = NeuronSyncAccumulator.from_batch(p, f, gated=bool(self.gated))
-        return out
+            yield (NEURON_SYNC, pre_hook(l)), NeuronSyncAccumulator.from_batch(p, f, gated=bool(self.gated))
 
 
 # -- reading the sums --------------------------------------------------------------------------
