@@ -152,3 +152,74 @@ class GramAccumulator(AdditiveAccumulator):
         """Centered (biased, 1/n) covariance ``S/n − μμᵀ``."""
         mu = self.mean
         return self.gram - torch.outer(mu, mu)
+
+
+def datapoint_ids(batch_index: int, rows: int, positions: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[rows, positions]`` int64 identities of a batch's datapoints, unique over a run and increasing in
+    data order: ``batch_index·2³² + row·2¹⁶ + position`` (rows and positions below 65,536)."""
+    if rows >= 1 << 16 or positions >= 1 << 16:
+        raise ValueError(f"a batch of {rows} rows × {positions} positions is too large for datapoint ids "
+                         "(< 65,536 each)")
+    row = torch.arange(rows, dtype=torch.int64, device=device)[:, None] << 16
+    pos = torch.arange(positions, dtype=torch.int64, device=device)[None, :]
+    return (int(batch_index) << 32) + row + pos
+
+
+class TopKAccumulator(AdditiveAccumulator):
+    """For each of ``m`` lists, the ``k`` largest values seen, with the datapoint id and integer records of each.
+
+    The merge is not ``+`` but "the ``k`` largest of both", which is associative and commutative too, so
+    batches, checkpoints, resumes and ranks merge exactly. **Tie rule**: larger value first; among equal
+    values, the smaller datapoint id (earlier data) first. Empty slots hold ``-inf`` and id ``-1``.
+    Fields: ``values`` ``[m, k]`` float64, ``ids`` ``[m, k]`` int64, ``records`` ``[m, k, w]`` int64.
+    """
+
+    fields = ("values", "ids", "records")
+    kind = "topk"
+
+    @property
+    def m(self) -> int:
+        return int(self.tensors["values"].shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.tensors["values"].shape[1])
+
+    @classmethod
+    def select(cls, values: Float[Tensor, "m c"], ids: Tensor, records: Tensor, k: int) -> TopKAccumulator:
+        """The top ``k`` of each row of candidates, by the tie rule (any candidate order)."""
+        values = values.to(torch.float64)
+        # two stable sorts: by id (ascending), then by value (descending) — ties keep the id order
+        order = torch.argsort(ids, dim=1, stable=True)
+        values, ids = values.gather(1, order), ids.gather(1, order)
+        records = records.gather(1, order[..., None].expand_as(records))
+        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+        out_v, out_i = values.gather(1, order), ids.gather(1, order)
+        out_r = records.gather(1, order[..., None].expand(-1, -1, records.shape[-1]))
+        if out_v.shape[1] < k:  # fewer candidates than k: pad
+            pad = k - out_v.shape[1]
+            out_v = torch.cat([out_v, out_v.new_full((out_v.shape[0], pad), -torch.inf)], 1)
+            out_i = torch.cat([out_i, out_i.new_full((out_i.shape[0], pad), -1)], 1)
+            out_r = torch.cat([out_r, out_r.new_full((out_r.shape[0], pad, out_r.shape[2]), -1)], 1)
+        return cls({"values": out_v, "ids": out_i, "records": out_r})
+
+    def add_(self, other: AdditiveAccumulator) -> TopKAccumulator:
+        self._check_compatible(other)
+        t, o = self.tensors, {k: v.to(self.tensors[k].device) for k, v in other.tensors.items()}
+        merged = TopKAccumulator.select(torch.cat([t["values"], o["values"]], 1), torch.cat([t["ids"], o["ids"]], 1),
+                                        torch.cat([t["records"], o["records"]], 1), self.k)
+        self.tensors = merged.tensors
+        return self
+
+    def all_reduce(self, group=None) -> TopKAccumulator:
+        """Every rank ends with the top ``k`` over all ranks (gathered, then merged)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        parts = {name: [torch.empty_like(t) for _ in range(world)] for name, t in self.tensors.items()}
+        for name, t in self.tensors.items():
+            dist.all_gather(parts[name], t.contiguous(), group=group)
+        values, ids, records = (torch.cat(parts[name], 1) for name in self.fields)
+        merged = TopKAccumulator.select(values, ids, records, self.k)
+        self.tensors = merged.tensors
+        return self

@@ -23,6 +23,7 @@ from ..generations import HookedModel
 from ..positions import position_mask
 from .accumulators import AdditiveAccumulator, GramAccumulator
 from .config import JacobianConfig, ProbeSpace, RunConfig
+from .observers import BatchView
 from .probes import ProbeMap, batch_generator, exact_probes, random_probes
 from .stats import ACTIVATIONS, JACOBIANS
 from .tail_cut import TailCut, TailCutMismatch, outputs_agree, tail_cut
@@ -178,7 +179,7 @@ def run_batch(
         fwd = [(n, gram_hook(n)) for n in plan.hooks] + [(n, cache_hook(n)) for n in dict.fromkeys(observer_hooks)]
         with torch.no_grad():
             forward_until(model, tokens, kwargs, fwd, stop_early=True)
-        _observe(plan, cache, masks, sums)
+        _observe(plan, cache, masks, sums, BatchView(batch.tokens, batch_index))
         checks.check(batch_index)
         return sums.new
 
@@ -206,10 +207,11 @@ def run_batch(
     return sums.new
 
 
-def _observe(plan: RunConfig, cache: dict[str, Tensor], masks: _Masks, sums: _Sums) -> None:
+def _observe(plan: RunConfig, cache: dict[str, Tensor], masks: _Masks, sums: _Sums, view: BatchView) -> None:
     """Every observer's contribution, added as each arrives (an observer may yield them layer by layer)."""
     for obs in plan.observers:
-        contributions = obs.compute(cache, masks.observers)
+        contributions = obs.compute(cache, masks.observers, batch=view) if obs.wants_batch else \
+            obs.compute(cache, masks.observers)
         pairs = contributions.items() if isinstance(contributions, Mapping) else contributions
         for key, acc in pairs:
             sums.add(key, acc)
@@ -306,7 +308,7 @@ def _run_batch_with_jacobians(model, tokens: Tensor, masks: _Masks, plan: RunCon
     def activations() -> None:
         for name in plan.hooks:
             sums.gram((ACTIVATIONS, name), _datapoints(captured[name].detach(), masks.select(name)))
-        _observe(plan, {k: v.detach() for k, v in captured.items()}, masks, sums)
+        _observe(plan, {k: v.detach() for k, v in captured.items()}, masks, sums, BatchView(tokens.cpu(), batch_index))
 
     z_full = None
     if cut is not None:

@@ -27,10 +27,23 @@ Contribution = Union[Mapping[tuple[str, str], AdditiveAccumulator],
 
 
 @dataclass(frozen=True)
+class BatchView:
+    """What an observer that asks for it (``wants_batch``) is told about the batch besides activations."""
+
+    tokens: Tensor  # [batch, pos] token ids, on the host
+    index: int  # the batch's number in the data (datapoint ids: accumulators.datapoint_ids)
+
+
+@dataclass(frozen=True)
 class Observer(ABC):
-    """Base class. ``kind`` is the ``Stats`` group its accumulators are stored under."""
+    """Base class. ``kind`` is the ``Stats`` group its accumulators are stored under.
+
+    ``wants_batch``: ``compute`` is also given ``batch=BatchView(...)`` (token ids, batch number), for
+    observers that record where something happened (top-k examples, outlier sites).
+    """
 
     kind: ClassVar[str]
+    wants_batch: ClassVar[bool] = False
 
     def resolve(self, model: HookedModel) -> Observer:
         """A copy with every default made explicit for ``model``, validated (called once per run)."""
@@ -41,8 +54,10 @@ class Observer(ABC):
         """The hook points whose activations ``compute`` receives."""
 
     @abstractmethod
-    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> Contribution:
-        """One batch: ``cache`` maps each of ``hooks()`` to its detached activation."""
+    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"],
+                batch: BatchView | None = None) -> Contribution:
+        """One batch: ``cache`` maps each of ``hooks()`` to its detached activation; ``mask`` the datapoints
+        (on the host); ``batch`` when ``wants_batch``."""
 
     def to_dict(self) -> dict[str, Any]:
         fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

@@ -193,7 +193,8 @@ class Stats:
 
         for acc in self.accumulators.values():
             acc.all_reduce(group)
-        device = next(iter(self.accumulators.values())).tensors["n"].device if self.accumulators else "cpu"
+        device = (next(iter(next(iter(self.accumulators.values())).tensors.values())).device
+                  if self.accumulators else "cpu")
         counts = torch.tensor([self.n_tokens, self.n_batches], dtype=torch.int64, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         self.n_tokens, self.n_batches = int(counts[0]), int(counts[1])

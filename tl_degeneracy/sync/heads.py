@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..collection.accumulators import AdditiveAccumulator
-from ..collection.observers import Contribution, LayerObserver
+from ..collection.observers import BatchView, Contribution, LayerObserver
 from ..generations import HookedModel
 from ..hook_names import act_name, layer_of
 from ..linalg import DEFAULT_RTOL, matrix_rank
@@ -99,7 +99,8 @@ class HeadSync(LayerObserver):
     def hooks(self) -> list[str]:
         return [pattern_hook(l) for l in self.layer_list]
 
-    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]) -> Contribution:
+    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"],
+                batch: BatchView | None = None) -> Contribution:
         return {(HEAD_SYNC, name): HeadSyncAccumulator.from_batch(cache[name], mask) for name in self.hooks()}
 
 

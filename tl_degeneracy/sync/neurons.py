@@ -28,7 +28,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..collection.accumulators import AdditiveAccumulator
-from ..collection.observers import LayerObserver
+from ..collection.observers import BatchView, LayerObserver
 from ..generations import HookedModel
 from ..hook_names import act_name, layer_of
 from ..linalg import DEFAULT_RTOL, gram_rank
@@ -110,8 +110,8 @@ class NeuronSync(LayerObserver):
     def hooks(self) -> list[str]:
         return [h for l in self.layer_list for h in (self.linear_hook(l), post_hook(l))]
 
-    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"]
-                ) -> Iterator[tuple[tuple[str, str], NeuronSyncAccumulator]]:
+    def compute(self, cache: dict[str, Tensor], mask: Bool[Tensor, "batch pos"],
+                batch: BatchView | None = None) -> Iterator[tuple[tuple[str, str], NeuronSyncAccumulator]]:
         # one layer at a time: three d_mlp × d_mlp float64 sums each, added before the next is made
         for l in self.layer_list:
             pre, post = cache[self.linear_hook(l)], cache[post_hook(l)]
