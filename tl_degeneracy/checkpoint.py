@@ -83,3 +83,51 @@ def read_safetensors_metadata(path: str | os.PathLike, key: str = "tl_degeneracy
     if key not in header:
         raise ValueError(f"{path} is not a tl_degeneracy file (no {key!r} entry in its safetensors metadata)")
     return json.loads(header[key])
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on an output folder, so that two runs never write into one folder at once.
+
+    ``fcntl.flock`` on ``DIR/.tl_degeneracy.lock`` (released by the system if the process dies); the
+    file records the holder's pid. Where ``fcntl`` does not exist (Windows) no lock is taken.
+    """
+
+    NAME = ".tl_degeneracy.lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self.handle: Any = None
+
+    def __enter__(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FolderBusyError(f"{self.path.parent} is in use by another tl-degeneracy run ({holder}); wait for it "
+                                  "to finish, or pass another --out folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            import fcntl
+
+            self.path.unlink(missing_ok=True)  # a waiting run would have been refused, not queued (LOCK_NB)
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None

@@ -14,6 +14,7 @@ from ..collection.stats import Stats
 from ..generations import HookedModel, describe_model
 from .report import AnalysisReport
 
+ANALYSIS_FILE = "analysis.json"  # what was asked: written before anything runs
 STATS_FILE = "stats.safetensors"
 BASIS_FILE = "basis.safetensors"
 PCA_FILE = "pca_basis.safetensors"
@@ -44,6 +45,6 @@ def has_analysis(out: str | Path, needs: tuple[str, ...] = ()) -> bool:
     return (out / REPORT_FILE).is_file() and all((out / n).is_file() for n in needs)
 
 
-__all__: list[Any] = ["STATS_FILE", "BASIS_FILE", "PCA_FILE", "REPORT_FILE", "HTML_FILE", "PLOTS_DIR",
+__all__: list[Any] = ["ANALYSIS_FILE", "STATS_FILE", "BASIS_FILE", "PCA_FILE", "REPORT_FILE", "HTML_FILE", "PLOTS_DIR",
                       "CHECKPOINT_FILE", "EDGES_FILE", "EDGES_CHECKPOINT_FILE", "LLC_FILE", "load_analysis",
                       "has_analysis"]

@@ -59,16 +59,85 @@ def cumulative(ib: dict[str, Any], pca: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def head_sync_heatmap(tv: torch.Tensor, layer: int, threshold: float, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    image = ax.imshow(tv.cpu().numpy(), vmin=0, vmax=max(float(tv.max()), 1e-6), cmap="viridis")
-    fig.colorbar(image, ax=ax, label="mean TV distance")
+def head_sync_heatmap(tv: torch.Tensor, layer: int, threshold: float, path: Path, vmax: float | None = None) -> Path:
+    """Mean TV distance between heads; ``vmax`` shared by every layer's figure (one colour scale); pairs at
+    or below the threshold outlined."""
+    fig, ax = plt.subplots(figsize=(4.4, 3.8))
+    top = max(float(tv.max()) if vmax is None else vmax, 1e-6)
+    image = ax.imshow(tv.cpu().numpy(), vmin=0, vmax=top, cmap="viridis")
+    bar = fig.colorbar(image, ax=ax, label="mean TV distance")
+    bar.ax.axhline(threshold, color="r", lw=1.5)  # the threshold on the colour scale
     heads = range(tv.shape[0])
+    for i in heads:
+        for j in heads:
+            if i != j and float(tv[i, j]) <= threshold:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="r", lw=1.5))
     ax.set_xticks(list(heads))
     ax.set_yticks(list(heads))  # integer head indices, not imshow's ±0.5 edges
-    ax.set_title(f"layer {layer}: head synchronisation (threshold {threshold:g})", fontsize=8)
+    ax.set_title(f"layer {layer}: head synchronisation (threshold {threshold:g}, red)", fontsize=8)
     ax.set_xlabel("head")
     ax.set_ylabel("head")
+    return save_figure(fig, path)
+
+
+def cross_layer_summary(report: Any, basis: Any, path: Path) -> Path | None:
+    """One figure for a deep model: kept directions per basis hook (IB and PCA), the interaction spectra as
+    one heatmap (each hook's Λ relative to its largest), and synchronisation counts per layer."""
+    hooks = list(report.spectra)
+    heads, neurons = report.synchronized_heads, report.synchronized_neurons
+    if not hooks and heads is None and neurons is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    x = range(len(hooks))
+    for key, label, style in (("ib_kept", "IB kept", "C0-"), ("ib_dirs_99", "IB dirs for 99% of ΣΛ", "C0--"),
+                              ("pca_dirs_99", "PCA dirs for 99% of variance", "C1--")):
+        values = [getattr(report.spectra[h], key) for h in hooks]
+        if any(v is not None for v in values):
+            ax.plot(x, [float("nan") if v is None else v for v in values], style, marker=".", label=label)
+    ax.set_xticks(list(x), [h.replace("blocks.", "").replace(".hook_", " ") for h in hooks], rotation=90, fontsize=6)
+    ax.set_ylabel("directions")
+    ax.set_title("directions per residual hook", fontsize=9)
+    if hooks:
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    rows = [basis[h].interaction_eigenvalues.cpu() for h in hooks if basis is not None and h in basis.layers]
+    if rows:
+        width = max(r.numel() for r in rows)
+        grid = torch.full((len(rows), width), float("nan"))
+        for i, r in enumerate(rows):
+            rel = (r.clamp_min(1e-300) / r.max()).log10()
+            grid[i, : r.numel()] = rel.clamp_min(-16)
+        image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=-16, vmax=0, interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="log10 Λ_i / Λ_1")
+        ax.set_xlabel("direction (by Λ)")
+        ax.set_ylabel("basis hook (row order as left)")
+        ax.set_title("interaction spectra, one row per hook", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no interaction basis (stage 'jacobians' off)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+        ax.set_axis_off()
+    ax = axes[2]
+    drew = False
+    if heads is not None:
+        pairs = {l: 0 for l in heads.layers}
+        for b in heads.blocks:
+            pairs[b.layer] += len(b.heads) * (len(b.heads) - 1) // 2
+        ax.bar([l - 0.2 for l in pairs], list(pairs.values()), width=0.4, label="synchronized head pairs")
+        drew = True
+    if neurons is not None:
+        layers = list(neurons.layers)
+        ax.bar([l + 0.2 for l in layers], [sum(len(b.neurons) > 1 for b in neurons.layers[l].blocks) for l in layers],
+               width=0.4, label="neuron blocks (>1)")
+        ax.plot(layers, [len(neurons.layers[l].dead) for l in layers], "k.", label="dead neurons")
+        drew = True
+    if drew:
+        ax.set_xlabel("layer")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=7)
+        ax.set_title("synchronisation per layer", fontsize=9)
+    else:
+        ax.set_axis_off()
     return save_figure(fig, path)
 
 

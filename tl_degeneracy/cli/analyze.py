@@ -12,6 +12,7 @@ from .common import (
     DTYPES,
     EMBEDDED_TEXT,
     check_device,
+    check_finished_run,
     check_model_arg,
     check_out_dir,
     fail,
@@ -21,9 +22,12 @@ from .common import (
     paragraph,
     positive_float,
     positive_int,
+    remove_empty_dirs,
     unknown_hook_message,
 )
 from .interactions import add_interaction_options, interactions_config, run_interactions
+
+STAGE_NAMES = ("grams", "jacobians", "heads", "neurons", "account")  # tl_degeneracy.analysis.pipeline.Stage
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -67,6 +71,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     a.add_argument("--keep-checkpoint", action="store_true",
                    help="keep DIR/checkpoint.safetensors after a successful run instead of deleting it "
                         "(default: off)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace a finished analysis already in DIR; without it such a DIR is refused (default: off)")
+    a.add_argument("--stages", default=",".join(s for s in STAGE_NAMES), metavar="LIST",
+                   help="what to collect and compute, comma-separated: grams (activation Grams, PCA), jacobians "
+                        "(Jacobian Grams, the interaction basis), heads, neurons (synchronisation), account (the "
+                        "degeneracy account's G and K per weight matrix) (default: %(default)s)")
+    a.add_argument("--layers", default="all", metavar="LIST",
+                   help="blocks the residual bases, synchronisation and account cover: all, or numbers and ranges "
+                        "like 0-5,12 (default: %(default)s)")
+    a.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch threads for the whole run, collection and fits (default: the cores this process may "
+                        "use)")
+    a.add_argument("--max-memory", type=positive_float, default=None, metavar="GIB",
+                   help="refuse to start when the memory estimate exceeds this many GiB (default: the memory "
+                        "available now)")
     a.add_argument("--interactions", action="store_true",
                    help="also compute the interaction graph: edges in the interaction basis, PCA and the model's "
                         "coordinates, their sparsity, modules and ablation curves (default: off)")
@@ -126,24 +145,47 @@ def run_llc(model: Any, data: Any, out: Path, config: Any) -> None:
 
 
 def analysis_config(args: argparse.Namespace) -> Any:
-    from ..analysis.pipeline import AnalysisConfig
+    from ..analysis.pipeline import AnalysisConfig, parse_layers, parse_stages
 
     try:
         return AnalysisConfig(hooks=None if args.hooks is None else tuple(args.hooks), max_tokens=args.tokens,
-                              batch_size=args.batch_size, context=args.context, n_probes=args.probes, rtol=args.rtol)
+                              batch_size=args.batch_size, context=args.context, n_probes=args.probes, rtol=args.rtol,
+                              stages=parse_stages(args.stages), layers=parse_layers(args.layers))
     except ValueError as exc:
         fail(paragraph(exc))
+
+
+def check_budget(model: Any, config: Any, max_gib: float | None) -> Any:
+    """Print the memory estimate; refuse (exit 2) a run that cannot fit before any data is read."""
+    from ..analysis.budget import GIB, available_memory, estimate_memory
+    from ..analysis.pipeline import collection_config
+
+    run_config = collection_config(model, config)
+    estimate = estimate_memory(model, run_config)
+    limit = None if max_gib is None else int(max_gib * GIB)
+    available = available_memory()
+    print(estimate.describe(available), flush=True)  # stdout: stderr is for errors and progress bars
+    budget = limit if limit is not None else available
+    if budget is not None and estimate.total > budget:
+        where = f"--max-memory {max_gib:g} GiB" if limit is not None else f"the {budget / GIB:.1f} GiB available"
+        fail(f"this run needs about {estimate.total / GIB:.1f} GiB ({estimate.state / GIB:.2f} GiB of float64 sums, "
+             f"{estimate.model / GIB:.2f} GiB model, ~{estimate.batch / GIB:.2f} GiB per batch), more than {where}. "
+             "Collect less: fewer stages (--stages grams,jacobians), fewer layers (--layers 0-5), a smaller "
+             "--batch-size or --context; or run where there is more memory.")
+    return run_config
 
 
 def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model, first.
     out = Path(args.out).expanduser()
-    created = check_out_dir(out)
+    check_finished_run(out, args.overwrite, args.resume)
     check_device(args.device)
     check_model_arg(args.model)
     config = analysis_config(args)
     interactions = interactions_config(args) if args.interactions else None
     llc = llc_config(args)
+    common.check_dataset(args.dataset)
+    created = check_out_dir(out)  # made here (and removed again if the run fails)
     checkpoint = out / CHECKPOINT_FILE
     if args.resume and not checkpoint.exists():
         print(f"note: --resume: no checkpoint found in {out} ({checkpoint} does not exist); the run starts fresh",
@@ -152,28 +194,59 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {checkpoint} (an earlier run's checkpoint) will be overwritten: this run starts fresh; "
               "stop now and rerun with --resume to continue that run instead", file=sys.stderr)
 
+    from ..checkpoint import FolderBusyError, FolderLock
+
+    try:
+        lock = FolderLock(out).__enter__()
+    except FolderBusyError as exc:
+        remove_empty_dirs(created)
+        fail(paragraph(exc))
+    finished = False
+    try:
+        code = _run(args, out, checkpoint, config, interactions, llc)
+        finished = True
+        return code
+    finally:
+        lock.__exit__(None, None, None)
+        if not finished:  # nothing of a failed run is left behind but what it wrote
+            remove_empty_dirs(created)
+
+
+def _run(args: argparse.Namespace, out: Path, checkpoint: Path, config: Any, interactions: Any, llc: Any) -> int:
+    import torch
+
     from ..analysis.pipeline import analyze
     from ..collection.batch_pass import NonFiniteError
     from ..hook_names import UnknownHookError, resolve_hooks
     from ..loading import HubUnavailableError
+    from ..threads import available_cores
 
-    with interruptible(checkpoint, created):
-        data = common.load_text_dataset(args.dataset)
+    threads = args.threads or available_cores()
+    torch.set_num_threads(threads)  # one setting for the whole run: collection and fits
+    with interruptible(checkpoint):
         model = common.load_model(args.model, args.dtype, args.device)
         n_ctx = int(model.cfg.n_ctx)
         if args.context is not None and args.context > n_ctx:
             fail(f"--context {args.context} is longer than the model's context window (n_ctx={n_ctx}); pass "
                  f"--context {n_ctx} or less, or omit it for min(128, n_ctx).")
-        if args.hooks:
-            try:
+        try:
+            if args.hooks:
                 resolve_hooks(model, args.hooks)
-            except UnknownHookError as exc:
-                fail(unknown_hook_message(exc, args.model))
-            except ValueError as exc:  # e.g. an attention pattern, which has no per-token Gram
-                fail(paragraph(exc))
+            config.layer_list(model)
+            check_budget(model, config, args.max_memory)
+        except UnknownHookError as exc:
+            fail(unknown_hook_message(exc, args.model))
+        except ValueError as exc:  # an attention pattern (no per-token Gram), a layer that does not exist
+            fail(paragraph(exc))
+        context = args.context or min(128, n_ctx)
+        if args.tokens < context:
+            print(f"note: --tokens {args.tokens} is less than one sequence of {context} tokens (--context): the run "
+                  f"takes one whole sequence", file=sys.stderr)
+        data = common.load_text_dataset(args.dataset)
         try:
             report = analyze(model, data, out, config=config, resume=args.resume,
-                             keep_checkpoint=args.keep_checkpoint, dataset=args.dataset or EMBEDDED_TEXT)
+                             keep_checkpoint=args.keep_checkpoint, dataset=args.dataset or EMBEDDED_TEXT,
+                             threads=threads, model_spec=args.model)
             if interactions is not None:
                 run_interactions(model, data, out, interactions, resume=args.resume,
                                  keep_checkpoint=args.keep_checkpoint)
@@ -197,12 +270,23 @@ def print_summary(report: Any) -> None:
     cfg = report.model.get("cfg", {})
     print(f"\n{report.n_tokens} tokens through {report.model.get('class')} ({cfg.get('model_name', '')}) in "
           f"{report.seconds} s; eigenvalues below rtol={report.rtol:g} x the largest count as zero")
-    print(f"{'hook':32s} {'d':>5s} {'IB kept':>8s} {'IB 99%':>7s} {'PCA 99%':>8s}  top Λ")
+    dash = lambda v, w: f"{'–':>{w}s}" if v is None else f"{v:{w}d}"  # noqa: E731
+    if report.spectra:
+        print(f"{'hook':32s} {'d':>5s} {'IB kept':>8s} {'IB 99%':>7s} {'PCA 99%':>8s}  top Λ")
     for hook, s in report.spectra.items():
         top = ", ".join(f"{v:.3g}" for v in s.top_lambda[:3])
-        print(f"{hook:32s} {s.d:5d} {s.ib_kept:8d} {s.ib_dirs_99:7d} {s.pca_dirs_99:8d}  {top}")
-    print()
-    print(report.degeneracy.summary())
+        flag = " (data-limited)" if s.data_limited else ""
+        print(f"{hook:32s} {s.d:5d} {dash(s.ib_kept, 8)} {dash(s.ib_dirs_99, 7)} {dash(s.pca_dirs_99, 8)}  {top}{flag}")
+    for hook, o in report.outliers.items():
+        coords = ", ".join(f"{c.coordinate} ({c.ratio:,.0f}× median)" for c in o.coordinates)
+        print(f"massive activations at {hook}: coordinate {coords}")
+    for note in report.notes:
+        print(note)
+    if report.degeneracy is not None:
+        print()
+        print(report.degeneracy.summary())
+    for section, error in report.errors.items():
+        print(f"section {section} could not be computed: {error}")
     if report.synchronized_heads is not None:
         from .heads import print_heads
 

@@ -16,6 +16,7 @@ import codecs
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,7 +108,26 @@ def check_out_dir(out: Path) -> list[Path]:
         where = "it" if not missing else f"its nearest existing parent {existing}"
         fail(f"cannot write to --out {out}: {where} is not writable by this user. Pass a folder you can write to "
              "with --out DIR.")
-    return missing[::-1]
+    created = missing[::-1]
+    try:  # permissions are not the whole story (/proc, read-only mounts): make it and write to it, now
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        remove_empty_dirs(created)
+        fail(f"cannot write to --out {out} ({exc.strerror or type(exc).__name__}). Pass a folder you can write to "
+             "with --out DIR.")
+    return created
+
+
+def check_finished_run(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to write over a finished analysis in ``out`` unless ``--overwrite`` (a ``--resume`` of an
+    unfinished one, with its checkpoint, is fine)."""
+    finished = [name for name in (REPORT_FILE, "stats.safetensors") if (out / name).exists()]
+    if not finished or overwrite or (resume and (out / CHECKPOINT_FILE).exists()):
+        return
+    fail(f"--out {out} holds a finished analysis ({', '.join(finished)}); this run would replace it. Pass "
+         "--overwrite to replace it, or another --out folder for the new run.")
 
 
 def remove_empty_dirs(created: list[Path]) -> None:
@@ -148,17 +168,25 @@ def check_device(spec: str | None) -> None:
 
 
 def check_model_arg(name: str | None) -> None:
-    """A MODEL that names a local path must be a Hugging Face model folder."""
+    """A MODEL that names a local path must be a Hugging Face model folder or a ``.gguf`` file (or a
+    folder holding one)."""
     if name is None:
         return
     path = Path(name).expanduser()
     advice = ("Pass a TransformerLens model name (e.g. gpt2), a local Hugging Face model folder (with config.json "
-              "and the weights), or omit MODEL for the embedded default model.")
+              "and the weights), a .gguf file, or omit MODEL for the embedded default model.")
     if path.exists():
         if not path.is_dir():
-            fail(f"MODEL {name!r} is a file, not a model. {advice}")
+            if path.suffix.lower() != ".gguf":
+                fail(f"MODEL {name!r} is a file, not a model. {advice}")
+            return
         if not (path / "config.json").is_file():
-            fail(f"MODEL {name!r} is a folder but not a Hugging Face model folder: it has no config.json. {advice}")
+            ggufs = list(path.glob("*.gguf"))
+            if len(ggufs) > 1:
+                fail(f"MODEL {name!r} holds several .gguf files; pass the one to analyse.")
+            if not ggufs:
+                fail(f"MODEL {name!r} is a folder but not a Hugging Face model folder: it has no config.json "
+                     f"(nor a .gguf file). {advice}")
     elif name.startswith((".", "/", "~")):
         fail(f"MODEL {name!r}: no such folder. {advice}")
 
@@ -240,6 +268,12 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def check_dataset(spec: str | None) -> None:
+    """What can be checked of ``--dataset`` without loading it (a local path's existence and content)."""
+    if spec is not None:
+        local_dataset_files(spec)
+
+
 def load_text_dataset(spec: str | None) -> Any:
     """The embedded text, a local file/folder (text, JSON, parquet, CSV) or a hub dataset (streamed).
 
@@ -264,6 +298,10 @@ def load_text_dataset(spec: str | None) -> Any:
                  "(or give token ids as 'tokens' or 'input_ids').")
         if len(data) == 0:
             fail(f"--dataset {spec} is empty: it holds no rows.")
+        feature = data.features.get("text")
+        if "text" in columns and getattr(feature, "dtype", "string") not in ("string", "large_string"):
+            fail(f"--dataset {spec}: the field 'text' holds {getattr(feature, 'dtype', feature)} values, not text "
+                 f"(first row: {data[0]['text']!r}); put the text to analyse in 'text' as strings.")
         return data
     from ..loading import hub_reachable
 

@@ -15,14 +15,29 @@ The weight matrices and their hooks are ``weights.weight_matrices``; the K-FAC c
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..generations import HookedModel, describe_model, trainable_parameter_count
+from ..hook_names import LOGITS
 from ..linalg import DEFAULT_RTOL, rank
 from ..sync.heads import HEAD_SYNC, SynchronizedHeads, synchronized_heads
 from ..sync.neurons import NEURON_SYNC, SynchronizedNeurons, synchronized_neurons
 from .kfac import KfacSpectra
+from .weights import WeightMatrix, weight_matrices
+
+DATA_FACTOR = 4  # fewer datapoints than this many times a Gram's width: its rank is limited by the data
+
+
+def _data_limited(stats: Any, w: WeightMatrix) -> bool:
+    """Whether G (width d_in) or K (width d_out) rests on too few datapoints for its rank to be the model's."""
+    def short(hook: str, group: str, width: int) -> bool:
+        acc = stats.accumulators.get((group, hook))
+        return acc is not None and int(acc.tensors["n"]) < DATA_FACTOR * width
+
+    return short(w.input_hook, "activations", w.d_in) or (
+        w.output_hook != LOGITS and short(w.output_hook, "jacobians", w.d_out))
 
 # -- results -----------------------------------------------------------------------------------
 
@@ -46,6 +61,7 @@ class MatrixAccount:
     kfac_rank: int | None = None  # #{(i,j): g_i·k_j > eps}; the implied effective parameter count
     eps: float | None = None
     missing: list[str] = field(default_factory=list)
+    data_limited: bool | None = None  # G or K rests on fewer than DATA_FACTOR × width datapoints
 
     @property
     def label(self) -> str:
@@ -154,13 +170,15 @@ def degeneracy_report(
     neurons: SynchronizedNeurons | None = None,
     head_threshold: float = 0.05,
     neuron_threshold: float = 1e-3,
+    layers: Iterable[int] | None = None,
 ) -> DegeneracyReport:
     """Count nominal parameters, free directions and the K-FAC effective count per weight matrix.
 
     Args:
         model: the model ``stats`` was collected on (shapes and ``W_V`` ranks).
-        stats: from ``collect(model, data, degeneracy_hooks(model), jacobians=True,
-            observers=[HeadSync(), NeuronSync()])``; whatever is missing is reported, not guessed.
+        stats: from ``collect(model, data, input_hooks(model), jacobians=True,
+            jacobian_hooks=output_hooks(model), observers=[HeadSync(), NeuronSync()])``; whatever is
+            missing is reported, not guessed.
         eps: absolute loss scale for the K-FAC count ``#{g_i·k_j > eps}``. Default: ``rtol``
             × the largest ``g_i·k_j`` over all weight matrices.
         rtol: eigenvalues of ``G`` and ``K`` at most ``rtol`` × that matrix's largest count
@@ -168,8 +186,15 @@ def degeneracy_report(
         heads, neurons: synchronisation results already computed (``synchronized_heads`` /
             ``synchronized_neurons``); when absent they are computed here from ``stats`` at
             ``head_threshold`` / ``neuron_threshold``. Either way they are not copied into the report.
+        layers: only the weight matrices of these blocks (and ``W_U`` with the last); None: all.
+
+    A matrix whose ``G`` or ``K`` rests on fewer datapoints than ``DATA_FACTOR`` times its width is
+    marked ``data_limited``: its ranks (and free directions) may be the data's, not the model's.
     """
-    spectra = KfacSpectra(model, stats)
+    chosen = None if layers is None else sorted({int(l) for l in layers})
+    matrices = None if chosen is None else [w for w in weight_matrices(model, chosen)
+                                            if w.layer is not None or int(model.cfg.n_layers) - 1 in chosen]
+    spectra = KfacSpectra(model, stats, matrices)
     loss = spectra.loss.name
     report = DegeneracyReport(rtol=float(rtol), eps=None, eps_meaning="", behavioral_loss=loss)
     collected_on = None if stats.run is None else stats.run.model.get("weights_sha256")
@@ -197,6 +222,7 @@ def degeneracy_report(
             acc.rank_K, cut = rank(k, rtol)
             acc.k_threshold = cut.absolute
             acc.free_from_K = w.d_in * (w.d_out - acc.rank_K)
+        acc.data_limited = _data_limited(stats, w) if (g is not None or k is not None) else None
         if acc.rank_G is not None and acc.rank_K is not None:
             acc.free_combined = acc.nominal - acc.rank_G * acc.rank_K
             acc.eps = report.eps
@@ -216,6 +242,11 @@ def degeneracy_report(
     report.head_threshold = None if heads is None else heads.threshold
     report.neuron_threshold = None if neurons is None else neurons.threshold
     _add_totals(report, model, heads, neurons)
+    limited = [m.label for m in report.matrices if m.data_limited]
+    if limited:
+        report.notes.append(f"warning: {len(limited)} matrices have G or K from fewer than {DATA_FACTOR}× as many "
+                            f"datapoints as their width (marked data_limited, e.g. {', '.join(limited[:3])}): their "
+                            "ranks and free directions may be the data's, not the model's; collect more tokens.")
     report.notes += [
         f"G and K eigenvalues at or below rtol={rtol:g} × their matrix's largest count as zero; "
         "each matrix records the absolute threshold used (g_threshold, k_threshold).",

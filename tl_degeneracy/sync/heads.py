@@ -169,6 +169,7 @@ class SynchronizedHeads:
     blocks: list[HeadBlock] = field(default_factory=list)
     freedoms_per_layer: dict[int, int] = field(default_factory=dict)
     layers: list[int] = field(default_factory=list)
+    closest: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # per layer: nearest pair, distance
 
     @property
     def total_freedoms(self) -> int:
@@ -180,6 +181,7 @@ class SynchronizedHeads:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["freedoms_per_layer"] = {str(k): v for k, v in self.freedoms_per_layer.items()}
+        out["closest"] = {str(k): list(v) for k, v in self.closest.items()}
         out["total_freedoms"] = self.total_freedoms
         return out
 
@@ -192,6 +194,7 @@ class SynchronizedHeads:
         data.pop("total_freedoms", None)
         data["blocks"] = [HeadBlock(**b) for b in data.get("blocks", [])]
         data["freedoms_per_layer"] = {int(k): v for k, v in data.get("freedoms_per_layer", {}).items()}
+        data["closest"] = {int(k): (int(v[0]), int(v[1]), float(v[2])) for k, v in data.get("closest", {}).items()}
         return cls(**data)
 
 
@@ -302,6 +305,11 @@ def synchronized_heads(
     )
     for layer in chosen:
         dist = head_sync_matrices(stats, layer).metric(metric)
+        if dist.shape[0] > 1:  # the nearest pair, named even when nothing is synchronized
+            off = torch.maximum(dist, dist.T).cpu() + torch.diag(torch.full((dist.shape[0],), torch.inf,
+                                                                            dtype=dist.dtype))
+            a, b = divmod(int(off.argmin()), dist.shape[0])
+            result.closest[layer] = (min(a, b), max(a, b), float(off[a, b]))
         ranks = value_ranks(model, layer, rank_rtol) if model is not None else [d_head] * n_kv
         total = 0
         for heads in blocks_below(dist, threshold, linkage):
