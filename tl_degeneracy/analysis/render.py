@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..basis.bases import InteractionBasis
 from ..collection.stats import Stats
-from ..sync.heads import head_sync_matrices
+from ..sync.heads import HEAD_SYNC, head_sync_matrices
 from . import plots
 from .files import BASIS_FILE, EDGES_FILE, HTML_FILE, PCA_FILE, PLOTS_DIR, REPORT_FILE, STATS_FILE
 from .html import write_html
@@ -20,7 +20,7 @@ def render(out: str | Path) -> Path:
     report = AnalysisReport.load(out / REPORT_FILE)
     basis = InteractionBasis.load(out / BASIS_FILE) if (out / BASIS_FILE).is_file() else None
     pca = InteractionBasis.load(out / PCA_FILE) if (out / PCA_FILE).is_file() else None
-    stats = Stats.load(out / STATS_FILE)
+    stats = Stats.load(out / STATS_FILE, groups=[HEAD_SYNC])  # only what the figures read
     folder = out / PLOTS_DIR
     figures: dict[str, list[Path]] = {"summary": [], "spectra": [], "cumulative": [], "heads": [], "parameters": []}
     summary = plots.cross_layer_summary(report, basis, folder / "summary.png")

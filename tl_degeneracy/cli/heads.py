@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         from ..collection.stats import Stats
         from ..sync.heads import synchronized_heads
 
-        heads = synchronized_heads(Stats.load(folder / "stats.safetensors"), threshold=args.threshold)
+        stats = Stats.load(folder / "stats.safetensors", groups=["head_sync"])  # only what the table reads
+        heads = synchronized_heads(stats, threshold=args.threshold)
     print_heads(heads)
     return 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
 from ..checkpoint import atomic_save_safetensors, read_safetensors_metadata
@@ -216,17 +217,23 @@ class Stats:
         atomic_save_safetensors(tensors, {"tl_degeneracy": json.dumps(meta)}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Stats:
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             groups: Iterable[str] | None = None) -> Stats:
+        """Read a saved ``Stats``; with ``groups``, only those groups' accumulators (the rest of a GB-sized
+        file is not read)."""
         meta = read_safetensors_metadata(path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has statistics format {meta.get('format_version')!r}; this version of "
                              f"tl_degeneracy reads format {FORMAT_VERSION}. Collect them again.")
-        tensors = load_file(str(path), device=str(device))
+        wanted = None if groups is None else set(groups)
         accumulators: dict[tuple[str, str], AdditiveAccumulator] = {}
-        for key, kind in meta["accumulators"].items():  # JSON keeps insertion order: collection order survives
-            group, name = key.split("/", 1)
-            acc_cls = ACCUMULATOR_KINDS[kind]
-            accumulators[(group, name)] = acc_cls({f: tensors[f"{key}/{f}"] for f in acc_cls.fields})
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            for key, kind in meta["accumulators"].items():  # JSON keeps insertion order: collection order survives
+                group, name = key.split("/", 1)
+                if wanted is not None and group not in wanted:
+                    continue
+                acc_cls = ACCUMULATOR_KINDS[kind]
+                accumulators[(group, name)] = acc_cls({f: fh.get_tensor(f"{key}/{f}") for f in acc_cls.fields})
         run = None if meta.get("run") is None else RunRecord.from_dict(meta["run"])
         progress = None if meta.get("progress") is None else Progress(**meta["progress"])
         return cls(accumulators, run, n_tokens=meta["n_tokens"], n_batches=meta["n_batches"], progress=progress)
