@@ -16,17 +16,18 @@ def test_gram_mean_covariance_match_dense(device):
     assert torch.allclose(acc.mean, f64.mean(0), rtol=1e-14, atol=1e-16)
     cov = torch.cov(f64.T, correction=0)
     assert torch.allclose(acc.covariance, cov, rtol=1e-12, atol=1e-14)
-    assert acc.tensors["S"].dtype == torch.float64
-    assert acc.tensors["S"].device == f.device and acc.tensors["n"].device == f.device
+    assert acc.tensors["S_triu"].dtype == torch.float64 and acc.tensors["S_triu"].shape == (6 * 7 // 2,)
+    assert acc.tensors["S_triu"].device == f.device and acc.tensors["n"].device == f.device
+    assert torch.equal(acc.S, acc.S.T)  # unpacked symmetric, both triangles from the one stored
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_accumulate_in_float64(dtype, device):
     f = _data(dtype=dtype, device=device)
     acc = GramAccumulator.from_batch(f)
-    assert acc.tensors["S"].dtype == torch.float64
+    assert acc.tensors["S_triu"].dtype == torch.float64
     exact = f.double().T @ f.double()  # the low-precision values, squared exactly in float64
-    assert torch.allclose(acc.tensors["S"], exact, rtol=1e-14, atol=0)
+    assert torch.allclose(acc.S, exact, rtol=1e-14, atol=0)
 
 
 def test_merge_is_exact_sum(device):
@@ -37,7 +38,7 @@ def test_merge_is_exact_sum(device):
     parts = first + second  # a new accumulator; neither operand changes
     assert first == first_before
     assert parts.n == whole.n == 90
-    assert torch.allclose(parts.tensors["S"], whole.tensors["S"], rtol=1e-13, atol=0)
+    assert torch.allclose(parts.S, whole.S, rtol=1e-13, atol=0)
     in_place = first.add_(second)  # in place, returns self
     assert in_place is first and first == parts
     with pytest.raises(ValueError, match="shape"):
@@ -74,3 +75,43 @@ def test_not_a_stats_file(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a tl_degeneracy file"):
         Stats.load(tmp_path / "other.safetensors")
+
+
+def test_packed_triangle_round_trip_and_in_place_add():
+    from tl_degeneracy.triangular import add_packed_, pack, packed_dim, unpack
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    S = a.T @ a
+    packed = pack(S)
+    assert packed.shape == (15,) and packed_dim(15) == 5
+    assert torch.equal(unpack(packed), S)  # both triangles from the one kept, exactly
+    i, j = torch.triu_indices(5, 5)
+    assert torch.equal(packed, S[i, j])  # row by row, i ≤ j
+    b = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    add_packed_(packed, b.T @ b, alpha=0.5)
+    assert torch.allclose(unpack(packed), S + 0.5 * b.T @ b, rtol=1e-15, atol=1e-15)
+    with pytest.raises(ValueError, match="upper triangle"):
+        packed_dim(14)
+
+
+def test_format_2_statistics_with_square_sums_still_load(tmp_path):
+    """Files written before the sums were packed (format 2: ``.../S`` square) load into the packed form."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tl_degeneracy.collection.stats import Stats
+
+    f = _data(n=40, d=6)
+    acc = GramAccumulator.from_batch(f)
+    path = tmp_path / "v2.safetensors"
+    key = "activations/blocks.0.hook_resid_pre"
+    meta = {"format_version": 2, "run": None, "n_tokens": 40, "n_batches": 1, "progress": None,
+            "accumulators": {key: "gram"}}
+    save_file({f"{key}/S": acc.S, f"{key}/s": acc.tensors["s"], f"{key}/n": acc.tensors["n"]}, str(path),
+              metadata={"tl_degeneracy": json.dumps(meta)})
+    loaded = Stats.load(path)
+    assert loaded.accumulators[("activations", "blocks.0.hook_resid_pre")] == acc
+    Stats({("activations", "blocks.0.hook_resid_pre"): acc}).save(tmp_path / "v3.safetensors")
+    assert Stats.load(tmp_path / "v3.safetensors").accumulators[("activations", "blocks.0.hook_resid_pre")] == acc

@@ -233,7 +233,7 @@ def test_custom_observer_works_through_collect(tiny, tiny_tokens, tmp_path, jaco
     assert isinstance(count, TokenCount) and int(count.tensors["n"]) == 2 * tiny_tokens.shape[0]
     mine = stats.accumulator(CountAndGram.kind, hook)
     theirs = stats.accumulator("activations", hook)
-    for field in ("S", "s", "n"):
+    for field in GramAccumulator.fields:
         torch.testing.assert_close(mine.tensors[field], theirs.tensors[field], rtol=0, atol=1e-12)
     assert stats.run is not None
     assert stats.run.config["observers"] == [{"kind": CountAndGram.kind, "hook": hook}]
@@ -505,8 +505,7 @@ def test_degeneracy_counts_use_the_convention():
     eigs[:3] = torch.tensor([1.0, 1e-6, 1e-10])
     n = 1000
     G = (Q * eigs) @ Q.T
-    acc = GramAccumulator({"S": G * n, "s": torch.zeros(d, dtype=torch.float64),
-                           "n": torch.tensor(n, dtype=torch.int64)})
+    acc = GramAccumulator.from_sums(G * n, torch.zeros(d, dtype=torch.float64), n)
     stats = Stats({("activations", W_U.input_hook): acc})
     for rtol, expected in ((1e-8, 2), (1e-5, 1), (1e-12, 3)):
         report = tld.degeneracy_report(tiny, stats, rtol=rtol)

@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..triangular import add_packed_, pack, packed_size, unpack
+
 _A = TypeVar("_A", bound="AdditiveAccumulator")
 ACCUMULATOR_KINDS: dict[str, type[AdditiveAccumulator]] = {}
 
@@ -86,19 +88,27 @@ class GramAccumulator(AdditiveAccumulator):
 
     Used both for activation Grams ``G`` and Jacobian Grams ``M`` (docs/theory.md §2), where ``f``
     is then the probe-backpropagated ``g = Jᵀ v`` and each batch is scaled by 1/(number of
-    probes).
+    probes). ``S`` is symmetric and kept as its upper triangle (``S_triu``, ``triangular.pack``):
+    half the memory and the checkpoint of a square sum; ``.S`` gives the square matrix.
     """
 
-    fields = ("S", "s", "n")
+    fields = ("S_triu", "s", "n")
     kind = "gram"
 
     @classmethod
     def zeros(cls, dim: int, device: str | torch.device = "cpu") -> GramAccumulator:
         return cls({
-            "S": torch.zeros(dim, dim, dtype=torch.float64, device=device),
+            "S_triu": torch.zeros(packed_size(dim), dtype=torch.float64, device=device),
             "s": torch.zeros(dim, dtype=torch.float64, device=device),
             "n": torch.zeros((), dtype=torch.int64, device=device),
         })
+
+    @classmethod
+    def from_sums(cls, S: Float[Tensor, "d d"], s: Float[Tensor, " d"], n: int | Tensor) -> GramAccumulator:
+        """An accumulator holding given sums (``S`` square and symmetric; float64)."""
+        S = S.to(torch.float64)
+        return cls({"S_triu": pack((S + S.T) / 2), "s": s.to(torch.float64),
+                    "n": torch.as_tensor(n, dtype=torch.int64, device=S.device).reshape(())})
 
     @classmethod
     def from_batch(cls, f: Float[Tensor, "n d"], weight: float = 1.0, count: int | None = None) -> GramAccumulator:
@@ -108,25 +118,31 @@ class GramAccumulator(AdditiveAccumulator):
         datapoints ``n`` stands for (default: the rows of ``f``).
         """
         f64 = f.detach().to(torch.float64)
+        S_triu = pack(f64.T @ f64)
         return cls({
-            "S": (f64.T @ f64) * weight if weight != 1.0 else f64.T @ f64,
+            "S_triu": S_triu.mul_(weight) if weight != 1.0 else S_triu,
             "s": f64.sum(0) * weight,
             # full(), not tensor(): a host scalar copied to a GPU would wait for the stream
             "n": torch.full((), f.shape[0] if count is None else count, dtype=torch.int64, device=f.device),
         })
 
     def add_batch_(self, f: Float[Tensor, "n d"], weight: float = 1.0, count: int | None = None) -> GramAccumulator:
-        """Add one batch's sums in place: ``S += w fᵀf`` in one GEMM, with no ``d × d`` temporary (a
-        GB-sized collection then needs no second copy of its state). Returns self."""
+        """Add one batch's sums in place (one GEMM; the square temporary is one hook's, freed at once, so
+        a GB-sized collection never holds a second copy of its state). Returns self."""
         f64 = f.detach().to(torch.float64)
-        self.tensors["S"].addmm_(f64.T, f64, alpha=weight)
+        add_packed_(self.tensors["S_triu"], f64.T @ f64, alpha=weight)
         self.tensors["s"].add_(f64.sum(0), alpha=weight)
         self.tensors["n"] += f.shape[0] if count is None else count
         return self
 
     @property
     def dim(self) -> int:
-        return self.tensors["S"].shape[0]
+        return self.tensors["s"].shape[0]
+
+    @property
+    def S(self) -> Float[Tensor, "d d"]:
+        """The square sum ``Σ f fᵀ`` (a new tensor, unpacked from ``S_triu``)."""
+        return unpack(self.tensors["S_triu"])
 
     @property
     def n(self) -> int:
@@ -140,7 +156,7 @@ class GramAccumulator(AdditiveAccumulator):
     def gram(self) -> Float[Tensor, "d d"]:
         """Uncentered second moment ``S / n``."""
         self._require_data()
-        return self.tensors["S"] / self.n
+        return self.S.div_(self.n)
 
     @property
     def mean(self) -> Float[Tensor, " d"]:

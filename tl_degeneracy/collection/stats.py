@@ -19,9 +19,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ..checkpoint import atomic_save_safetensors, read_safetensors_metadata
+from ..triangular import pack
 from .accumulators import ACCUMULATOR_KINDS, AdditiveAccumulator, GramAccumulator
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: symmetric sums kept as upper triangles (S → S_triu); format 2 is still read
 ACTIVATIONS, JACOBIANS = "activations", "jacobians"
 
 
@@ -222,9 +223,10 @@ class Stats:
         """Read a saved ``Stats``; with ``groups``, only those groups' accumulators (the rest of a GB-sized
         file is not read)."""
         meta = read_safetensors_metadata(path)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has statistics format {meta.get('format_version')!r}; this version of "
-                             f"tl_degeneracy reads format {FORMAT_VERSION}. Collect them again.")
+        version = meta.get("format_version")
+        if version not in (2, FORMAT_VERSION):
+            raise ValueError(f"{path} has statistics format {version!r}; this version of "
+                             f"tl_degeneracy reads formats 2 and {FORMAT_VERSION}. Collect them again.")
         wanted = None if groups is None else set(groups)
         accumulators: dict[tuple[str, str], AdditiveAccumulator] = {}
         with safe_open(str(path), framework="pt", device=str(device)) as fh:
@@ -233,7 +235,7 @@ class Stats:
                 if wanted is not None and group not in wanted:
                     continue
                 acc_cls = ACCUMULATOR_KINDS[kind]
-                accumulators[(group, name)] = acc_cls({f: fh.get_tensor(f"{key}/{f}") for f in acc_cls.fields})
+                accumulators[(group, name)] = acc_cls({f: _read_field(fh, key, f, version) for f in acc_cls.fields})
         run = None if meta.get("run") is None else RunRecord.from_dict(meta["run"])
         progress = None if meta.get("progress") is None else Progress(**meta["progress"])
         return cls(accumulators, run, n_tokens=meta["n_tokens"], n_batches=meta["n_batches"], progress=progress)
@@ -243,3 +245,10 @@ class Stats:
         for group, _ in self.accumulators:
             groups[group] = groups.get(group, 0) + 1
         return f"Stats(n_tokens={self.n_tokens}, {', '.join(f'{g}: {c}' for g, c in groups.items())})"
+
+
+def _read_field(fh: Any, key: str, field_name: str, version: int) -> Tensor:
+    """One accumulator field; format 2 kept symmetric sums square (``S``), packed here."""
+    if version == 2 and field_name == "S_triu":
+        return pack(fh.get_tensor(f"{key}/S"))
+    return fh.get_tensor(f"{key}/{field_name}")

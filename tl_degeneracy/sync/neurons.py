@@ -32,6 +32,7 @@ from ..collection.observers import BatchView, LayerObserver
 from ..generations import HookedModel
 from ..hook_names import act_name, layer_of
 from ..linalg import DEFAULT_RTOL, gram_rank
+from ..triangular import pack, unpack
 from .clustering import Linkage, blocks_below, worst_within
 
 NEURON_SYNC = "neuron_sync"
@@ -55,11 +56,11 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
 
     ``r2p2[i,j] = Σ r_i² p_j²``, ``rrp2[i,j] = Σ r_i r_j p_j²``, ``f2[j] = Σ f_j²``,
     ``fires[j]`` = datapoints where the gate's input is positive (``p_j > 0``; gated: ``act(gate_j) > 0``,
-    i.e. the gate's preactivation is positive), ``S = Σ p pᵀ`` and
-    ``s = Σ p`` (the linear parts' Gram, for ``s_a``), ``n``.
+    i.e. the gate's preactivation is positive), ``S = Σ p pᵀ`` (the linear parts' Gram, for ``s_a``;
+    symmetric, kept as its upper triangle ``S_triu``), ``s = Σ p``, ``n``.
     """
 
-    fields = ("r2p2", "rrp2", "f2", "fires", "S", "s", "n")
+    fields = ("r2p2", "rrp2", "f2", "fires", "S_triu", "s", "n")
     kind = "neuron_sync"
 
     @classmethod
@@ -80,7 +81,7 @@ class NeuronSyncAccumulator(AdditiveAccumulator):
             "rrp2": r.T @ (r * p2),
             "f2": f.square().sum(0),
             "fires": (((r > 0) & ~zero) if gated else (p > 0)).sum(0).to(torch.int64),
-            "S": p.T @ p,
+            "S_triu": pack(p.T @ p),
             "s": p.sum(0),
             "n": torch.full((), p.shape[0], dtype=torch.int64, device=p.device),
         })
@@ -159,7 +160,7 @@ def neuron_sync_matrices(stats: Any, layer: int) -> NeuronSyncMatrices:
     num = (t["r2p2"] - 2 * t["rrp2"] + f2[None, :]).clamp_min(0.0)  # ≥ 0 up to rounding
     cost = num / f2[None, :]
     cost.fill_diagonal_(0.0)
-    return NeuronSyncMatrices(layer, cost, f2 / n, t["fires"].clone(), t["S"] / n, n)
+    return NeuronSyncMatrices(layer, cost, f2 / n, t["fires"].clone(), unpack(t["S_triu"]).div_(n), n)
 
 
 def span_dim(gram: Float[Tensor, "k k"], rtol: float) -> int:
