@@ -56,6 +56,8 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.txt").write_text("some text\n")
     (tmp_path / "mixed" / "b.csv").write_text("text\nmore text\n")
+    (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n{"text": "some text"}\n')
+    (tmp_path / "nulls.jsonl").write_text('{"text": "some text"}\n{"text": null}\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cli_common, "load_model", _cached_load_model)
@@ -83,6 +85,9 @@ ROWS = [
     ("dataset-not-parquet", ["analyze", "--dataset", "bad.parquet"], "not a parquet file"),
     ("dataset-empty-folder", ["analyze", "--dataset", "emptydir"], "holds no"),
     ("dataset-mixed-folder", ["analyze", "--dataset", "mixed"], "mixes formats"),
+    ("dataset-jsonl-number-as-text", ["analyze", "--dataset", "numbers.jsonl"],
+     "numbers.jsonl: the field 'text' holds int"),
+    ("dataset-jsonl-null-text", ["analyze", "--dataset", "nulls.jsonl"], "nulls.jsonl: the field 'text' is empty"),
     # counts and ranges: checked while parsing
     ("tokens-zero", ["analyze", "--tokens", "0"], "--tokens"),
     ("tokens-negative", ["analyze", "--tokens", "-5"], "--tokens"),
@@ -112,6 +117,9 @@ ROWS = [
     # --out
     ("out-is-a-file", ["analyze", "--out", "afile"], "is a file"),
     ("out-under-a-file", ["analyze", "--out", "afile/run"], "is a file"),
+    ("out-unwritable-parent", ["analyze", "--out", "/proc/x"], "cannot write to --out /proc/x"),
+    # memory: the estimate is printed, a run that cannot fit refused before any data is read
+    ("max-memory-too-small", ["analyze", "--max-memory", "0.01"], "more than --max-memory 0.01 GiB"),
     # report / heads / hooks
     ("report-missing-dir", ["report", "no-such-run"], "no such folder"),
     ("report-dir-without-run", ["report", "emptydir"], "no report.json"),
@@ -234,8 +242,9 @@ def test_help_explains_every_option_and_its_default(command, capsys, monkeypatch
         assert "(default:" in text or "required" in text, f"{action.dest}: no default shown"
         assert text in shown
     if command == "analyze":
-        for default in ["(default: 8192)", "(default: 8)", "(default: min(128, n_ctx))", "(default: 4)",
-                        "(default: 1e-08)", "(default: float32)", "(default: tl_degeneracy_out)", "--keep-checkpoint"]:
+        for default in ["(default: 8192)", "(default: chosen from the model's size", "(default: min(128, n_ctx))",
+                        "(default: 4)", "(default: 1e-08)", "(default: float32)", "(default: tl_degeneracy_out)",
+                        "--keep-checkpoint"]:
             assert default in shown, default
 
 

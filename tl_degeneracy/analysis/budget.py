@@ -1,16 +1,17 @@
 """How much memory a collection will take, said before it starts (and a run that cannot fit refused).
 
-The float64 sums are known exactly from the hooks' widths: ``(d² + d + 1)·8`` bytes per Gram (``G``
-or ``M``), three ``d_mlp²`` matrices per layer for neuron synchronisation, the top-k records of the
-outlier observer. One batch adds the model's activations kept for the backward passes, the probes'
-gradients and the observers' temporaries: an estimate, conservative by design (checked against
-measured peaks in benchmarks/README.md). Widths come from one forward pass over two tokens.
+The float64 sums are known exactly from the hooks' widths: ``(d(d+1)/2 + d + 1)·8`` bytes per Gram
+(``G`` or ``M``, kept as upper triangles), two ``d_mlp²`` matrices and a triangle per layer for
+neuron synchronisation, the top-k records of the outlier observer. One batch adds the graph the
+Jacobian probes run back through, the probes' gradients and the observers' temporaries: a formula
+fitted to measured peaks (``batch_memory``; benchmarks/README.md). Widths come from one forward
+pass over two tokens. The batch size, when not given, is chosen from the same formula.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from ..collection.config import RunConfig
 from ..forward import forward_until, model_device
 from ..generations import HookedModel
 from ..hook_names import enable_gated_hooks
+from ..triangular import packed_size
 
 GIB = 2**30
 
@@ -81,12 +83,13 @@ def estimate_memory(model: HookedModel, config: RunConfig) -> MemoryEstimate:
     """What collecting ``config`` on ``model`` needs (see the module docstring)."""
     observer_hooks = [h for obs in config.observers for h in obs.hooks()]
     widths = hook_widths(model, [*config.hooks, *config.jacobian_hooks, *observer_hooks])
-    gram = lambda d: (d * d + d + 1) * 8  # noqa: E731
+    gram = lambda d: (packed_size(d) + d + 1) * 8  # noqa: E731
     parts = {"G": sum(gram(widths[h]) for h in config.hooks),
              "M": sum(gram(widths[h]) for h in config.jacobian_hooks)}
     for obs in config.observers:
         if obs.kind == "neuron_sync":
-            parts["neuron sync"] = sum((3 * widths[h] ** 2 + 3 * widths[h]) * 8 for h in obs.hooks()[1::2])
+            parts["neuron sync"] = sum((2 * widths[h] ** 2 + packed_size(widths[h]) + 4 * widths[h]) * 8
+                                       for h in obs.hooks()[1::2])
         elif obs.kind == "head_sync":
             parts["head sync"] = len(obs.hooks()) * 2 * int(model.cfg.n_heads) ** 2 * 8
         else:  # top-k records and per-position moments: small
@@ -94,21 +97,51 @@ def estimate_memory(model: HookedModel, config: RunConfig) -> MemoryEstimate:
     state = sum(parts.values())
     params = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
     params += sum(b.numel() * b.element_size() for b in model.buffers())
+    batch = batch_memory(model, config, sum(widths.values()))
+    return MemoryEstimate(state=state, model=params, batch=batch, parts=parts)
+
+
+# Fitted to measured peaks (benchmarks/README.md, "memory"): SmolLM2-135M, all stages, batch 1–8 of 128
+# tokens: peak − state = 0.80 GB + 0.48 GB per sequence, within 4% at every batch size.
+RUNTIME_BYTES = int(0.75 * GIB)  # torch's own buffers, first-touch pages, one layer's temporaries
+GRAPH_FLOATS_PER_TOKEN_LAYER = (24, 9, 3)  # × (d_model, d_mlp, n_heads·context): the backward's saved tensors
+
+
+def batch_memory(model: HookedModel, config: RunConfig, captured_width: int = 0) -> int:
+    """Bytes one batch needs beyond the sums and the weights: the graph the Jacobian probes run back through
+    (fitted, see above), or without Jacobians the captured activations (``captured_width`` floats a token)."""
     cfg = model.cfg
     B, T = config.batch_size, config.context or min(128, int(cfg.n_ctx))
     element = next(iter(model.parameters())).element_size()
+    if config.jacobians is None or not config.jacobian_hooks:
+        return RUNTIME_BYTES + 2 * captured_width * B * T * element  # and one float64 copy at a time
     L, d, H = int(cfg.n_layers), int(cfg.d_model), int(cfg.n_heads)
     d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
-    # the forward's saved activations (a graph when there are Jacobians), attention patterns included
-    per_layer = B * T * (16 * d + 6 * d_mlp) * element + 2 * B * H * T * T * element
-    batch = L * per_layer
-    captured = sum(widths.values()) * B * T * element
-    batch += captured
-    if config.jacobians is not None and config.jacobian_hooks:
-        chunk = 16 if config.jacobians.exact else min(int(config.jacobians.n_probes or 4), 16)
-        batch += chunk * sum(widths[h] for h in config.jacobian_hooks) * B * T * element * 2
-        batch += max(widths[h] for h in config.jacobian_hooks) * chunk * B * T * 8  # one hook's float64 copy
-    if any(o.kind == "neuron_sync" for o in config.observers):
-        largest = max(widths[h] for o in config.observers if o.kind == "neuron_sync" for h in o.hooks())
-        batch += 3 * largest ** 2 * 8 + 6 * B * T * largest * 8  # one layer's contribution and temporaries
-    return MemoryEstimate(state=state, model=params, batch=int(1.25 * batch), parts=parts)
+    a, b, c = GRAPH_FLOATS_PER_TOKEN_LAYER
+    return RUNTIME_BYTES + L * B * T * (a * d + b * d_mlp + c * H * T) * element
+
+
+AUTO_BATCH_SIZES = (8, 4, 2, 1)
+CPU_BATCH_BYTES = 2 * GIB
+
+
+def batch_budget(model: HookedModel) -> int:
+    """What one batch may take when the batch size is chosen: 2 GiB on a CPU (where larger batches are not
+    faster: SmolLM2 collects as fast at batch 1 as at 8, benchmarks/README.md), a quarter of a GPU."""
+    device = model_device(model)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory // 4)
+    return CPU_BATCH_BYTES
+
+
+def choose_batch_size(model: HookedModel, config: RunConfig) -> RunConfig:
+    """``config`` with the largest batch size of ``AUTO_BATCH_SIZES`` whose batch fits ``batch_budget`` (the
+    smallest when none does). It depends on the model, the run and the device, never on the memory free
+    now: a resumed run chooses the same."""
+    budget = batch_budget(model)
+    candidate = config
+    for size in AUTO_BATCH_SIZES:
+        candidate = replace(config, batch_size=size)
+        if batch_memory(model, candidate) <= budget:
+            break
+    return candidate

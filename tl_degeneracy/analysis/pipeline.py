@@ -34,6 +34,7 @@ from ..sync.heads import HeadSync, synchronized_heads
 from ..sync.neurons import NeuronSync, synchronized_neurons
 from ..threads import torch_threads
 from ..validation import fraction, nonnegative_float, optional_positive_int, positive_float, positive_int
+from .budget import AUTO_BATCH_SIZES, choose_batch_size
 from .files import ANALYSIS_FILE, BASIS_FILE, CHECKPOINT_FILE, PCA_FILE, REPORT_FILE, STATS_FILE
 from .outliers import OUTLIER_RATIO, ExtremeActivations, find_outliers, without
 from .render import render
@@ -94,7 +95,8 @@ class AnalysisConfig:
     """The options of ``analyze`` (recorded in report.json next to the collection's ``RunConfig``).
 
     ``hooks``: where interaction bases are fitted (None: the residual stream of the chosen layers);
-    ``context`` None means ``min(128, n_ctx)``; thresholds as in ``synchronized_heads`` /
+    ``batch_size`` None chooses one from the model's size (``budget.choose_batch_size``: at most 8, a batch within
+    2 GiB on a CPU); ``context`` None means ``min(128, n_ctx)``; thresholds as in ``synchronized_heads`` /
     ``synchronized_neurons``; ``rtol`` is the package's one eigenvalue convention (``linalg``);
     ``stages``: what is collected and computed; ``layers``: the blocks the residual bases, the
     synchronisation and the account cover (None: all); ``outlier_ratio``: a residual coordinate whose
@@ -103,7 +105,7 @@ class AnalysisConfig:
 
     hooks: tuple[str, ...] | None = None
     max_tokens: int | None = 8192
-    batch_size: int = 8
+    batch_size: int | None = None
     context: int | None = None
     n_probes: int = 4
     rtol: float = DEFAULT_RTOL
@@ -117,7 +119,7 @@ class AnalysisConfig:
         if self.hooks is not None:
             object.__setattr__(self, "hooks", tuple([self.hooks] if isinstance(self.hooks, str) else self.hooks))
         optional_positive_int(self.max_tokens, "max_tokens")
-        positive_int(self.batch_size, "batch_size")
+        optional_positive_int(self.batch_size, "batch_size")
         optional_positive_int(self.context, "context")
         positive_int(self.n_probes, "n_probes")
         nonnegative_float(self.rtol, "rtol")
@@ -202,9 +204,10 @@ def collection_config(model: HookedModel, config: AnalysisConfig) -> RunConfig:
                                  + (output_hooks(model, layers) if account else [])))
     n_ctx = int(model.cfg.n_ctx)
     context = config.context if config.context is not None else min(DEFAULT_CONTEXT, n_ctx)
-    return RunConfig.build(model, g_hooks, jacobians=JacobianConfig(n_probes=config.n_probes) if m_hooks else False,
-                           jacobian_hooks=m_hooks or None, batch_size=config.batch_size, context=context,
-                           observers=config.observers(model))
+    run = RunConfig.build(model, g_hooks, jacobians=JacobianConfig(n_probes=config.n_probes) if m_hooks else False,
+                          jacobian_hooks=m_hooks or None, batch_size=config.batch_size or AUTO_BATCH_SIZES[0],
+                          context=context, observers=config.observers(model))
+    return run if config.batch_size is not None else choose_batch_size(model, run)
 
 
 def _section(errors: dict[str, str], name: str, compute: Callable[[], T]) -> T | None:

@@ -43,9 +43,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         ".parquet/.csv file or a folder of them (default: the embedded text, Austen's Persuasion)")
     a.add_argument("--tokens", type=positive_int, default=8192, metavar="N",
                    help="stop after this many tokens have gone through the model (default: %(default)s)")
-    a.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
-                   help="sequences per forward/backward pass; larger is faster but needs more memory "
-                        "(default: %(default)s)")
+    a.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="sequences per forward/backward pass; larger needs more memory and is faster only on a GPU "
+                        "(default: chosen from the model's size, at most 8, one batch within 2 GiB on a CPU or a "
+                        "quarter of a GPU's memory; printed with the memory estimate)")
     a.add_argument("--context", type=positive_int, default=None, metavar="N",
                    help="tokens per sequence the text is cut into; at most the model's n_ctx "
                         "(default: min(128, n_ctx))")
@@ -164,7 +165,9 @@ def check_budget(model: Any, config: Any, max_gib: float | None) -> Any:
     estimate = estimate_memory(model, run_config)
     limit = None if max_gib is None else int(max_gib * GIB)
     available = available_memory()
-    print(estimate.describe(available), flush=True)  # stdout: stderr is for errors and progress bars
+    chosen = "" if config.batch_size is not None else " (chosen from the model's size; --batch-size sets it)"
+    print(f"batch size {run_config.batch_size}{chosen}; {estimate.describe(available)}", flush=True)  # stdout:
+    # stderr is for errors and progress bars
     budget = limit if limit is not None else available
     if budget is not None and estimate.total > budget:
         where = f"--max-memory {max_gib:g} GiB" if limit is not None else f"the {budget / GIB:.1f} GiB available"

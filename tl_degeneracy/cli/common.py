@@ -274,6 +274,22 @@ def check_dataset(spec: str | None) -> None:
         local_dataset_files(spec)
 
 
+def _check_text_column(spec: str, data: Any) -> None:
+    """Every row's 'text' is a string (a number or null there would reach the tokenizer, whose message names
+    neither the file nor the field)."""
+    feature = data.features.get("text")
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        nulls = data.data.column("text").null_count
+        if not nulls:
+            return
+        row = next(i for i, value in enumerate(data["text"]) if value is None)
+        fail(f"--dataset {spec}: the field 'text' is empty (null) in {nulls} row(s), the first is row {row}; "
+             "give every row its text as a string, or drop those rows.")
+    row, value = next(((i, v) for i, v in enumerate(data["text"]) if not isinstance(v, str)), (0, data[0]["text"]))
+    fail(f"--dataset {spec}: the field 'text' holds {type(value).__name__} values, not text (row {row}: {value!r}); "
+         "put the text to analyse in 'text' as strings.")
+
+
 def load_text_dataset(spec: str | None) -> Any:
     """The embedded text, a local file/folder (text, JSON, parquet, CSV) or a hub dataset (streamed).
 
@@ -298,10 +314,8 @@ def load_text_dataset(spec: str | None) -> Any:
                  "(or give token ids as 'tokens' or 'input_ids').")
         if len(data) == 0:
             fail(f"--dataset {spec} is empty: it holds no rows.")
-        feature = data.features.get("text")
-        if "text" in columns and getattr(feature, "dtype", "string") not in ("string", "large_string"):
-            fail(f"--dataset {spec}: the field 'text' holds {getattr(feature, 'dtype', feature)} values, not text "
-                 f"(first row: {data[0]['text']!r}); put the text to analyse in 'text' as strings.")
+        if "text" in columns:
+            _check_text_column(spec, data)
         return data
     from ..loading import hub_reachable
 

@@ -66,9 +66,10 @@ def interactions_config(args: argparse.Namespace) -> Any:
     from ..analysis.sections import InteractionsConfig
 
     try:
+        batch = {} if args.batch_size is None else {"batch_size": args.batch_size}  # analyze's may be chosen
         return InteractionsConfig(n_probes=args.edge_probes, max_tokens=args.edge_tokens,
-                                  batch_size=args.batch_size, eps_rtol_grid=tuple(args.eps_rtol),
-                                  n_modules=args.modules, ablation_tokens=args.ablation_tokens)
+                                  eps_rtol_grid=tuple(args.eps_rtol), n_modules=args.modules,
+                                  ablation_tokens=args.ablation_tokens, **batch)
     except ValueError as exc:
         fail(paragraph(exc))
 
