@@ -217,8 +217,10 @@ class RunConfig:
         context: int | None = None,
         observers: Sequence[Observer] = (),
     ) -> RunConfig:
-        """Resolve hook names against ``model`` and validate every option."""
-        names = tuple(resolve_hooks(model, hooks))
+        """Resolve hook names against ``model`` and validate every option. ``hooks=[]`` with observers: a
+        pass that only feeds the observers (no Grams)."""
+        observers_only = bool(observers) and isinstance(hooks, (list, tuple)) and not hooks
+        names = () if observers_only else tuple(resolve_hooks(model, hooks))
         jac = JacobianConfig() if jacobians is True else (jacobians or None)
         if jac is not None and not isinstance(jac, JacobianConfig):
             raise TypeError(f"jacobians must be True/False or a JacobianConfig, got {type(jacobians).__name__}")
