@@ -17,6 +17,7 @@ from torch import Tensor
 from ..triangular import add_packed_, pack, packed_size, unpack
 
 _A = TypeVar("_A", bound="AdditiveAccumulator")
+_T = TypeVar("_T", bound="TopKAccumulator")
 ACCUMULATOR_KINDS: dict[str, type[AdditiveAccumulator]] = {}
 
 
@@ -80,7 +81,17 @@ class AdditiveAccumulator:
 
     def __eq__(self, other: object) -> bool:
         return (type(other) is type(self)
-                and all(torch.equal(self.tensors[k], other.tensors[k]) for k in self.fields))  # type: ignore[attr-defined]
+                and all(_same(self.tensors[k], other.tensors[k]) for k in self.fields))  # type: ignore[attr-defined]
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Exactly equal, NaN equal to NaN (an empty slot's payload)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        nan = a.isnan()
+        return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+    return torch.equal(a, b)
 
 
 class GramAccumulator(AdditiveAccumulator):
@@ -187,10 +198,12 @@ class TopKAccumulator(AdditiveAccumulator):
     The merge is not ``+`` but "the ``k`` largest of both", which is associative and commutative too, so
     batches, checkpoints, resumes and ranks merge exactly. **Tie rule**: larger value first; among equal
     values, the smaller datapoint id (earlier data) first. Empty slots hold ``-inf`` and id ``-1``.
-    Fields: ``values`` ``[m, k]`` float64, ``ids`` ``[m, k]`` int64, ``records`` ``[m, k, w]`` int64.
+    Fields: ``values`` ``[m, k]`` float64, ``ids`` ``[m, k]`` int64, ``records`` ``[m, k, w]`` int64; a
+    subclass may carry more per-entry payload fields (``[m, k, ...]``: gathered with the entries; empty
+    slots hold -1, or NaN for floating fields).
     """
 
-    fields = ("values", "ids", "records")
+    fields: ClassVar[tuple[str, ...]] = ("values", "ids", "records")
     kind = "topk"
 
     @property
@@ -202,28 +215,36 @@ class TopKAccumulator(AdditiveAccumulator):
         return int(self.tensors["values"].shape[1])
 
     @classmethod
-    def select(cls, values: Float[Tensor, "m c"], ids: Tensor, records: Tensor, k: int) -> TopKAccumulator:
-        """The top ``k`` of each row of candidates, by the tie rule (any candidate order)."""
+    def top(cls: type[_T], values: Float[Tensor, "m c"], ids: Tensor, payload: dict[str, Tensor], k: int) -> _T:
+        """The top ``k`` of each row of candidates by the tie rule (any candidate order), with their payload."""
         values = values.to(torch.float64)
         # two stable sorts: by id (ascending), then by value (descending) — ties keep the id order
         order = torch.argsort(ids, dim=1, stable=True)
-        values, ids = values.gather(1, order), ids.gather(1, order)
-        records = records.gather(1, order[..., None].expand_as(records))
-        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
-        out_v, out_i = values.gather(1, order), ids.gather(1, order)
-        out_r = records.gather(1, order[..., None].expand(-1, -1, records.shape[-1]))
-        if out_v.shape[1] < k:  # fewer candidates than k: pad
-            pad = k - out_v.shape[1]
-            out_v = torch.cat([out_v, out_v.new_full((out_v.shape[0], pad), -torch.inf)], 1)
-            out_i = torch.cat([out_i, out_i.new_full((out_i.shape[0], pad), -1)], 1)
-            out_r = torch.cat([out_r, out_r.new_full((out_r.shape[0], pad, out_r.shape[2]), -1)], 1)
-        return cls({"values": out_v, "ids": out_i, "records": out_r})
+        order = order.gather(1, torch.argsort(values.gather(1, order), dim=1, descending=True, stable=True))[:, :k]
+        out = {"values": values.gather(1, order), "ids": ids.gather(1, order)}
+        for name, t in payload.items():
+            index = order.reshape(*order.shape, *([1] * (t.ndim - 2))).expand(*order.shape, *t.shape[2:])
+            out[name] = t.gather(1, index)
+        if out["values"].shape[1] < k:  # fewer candidates than k: pad
+            pad = k - out["values"].shape[1]
+            for name, t in out.items():
+                fill = -torch.inf if name == "values" else (torch.nan if t.is_floating_point() else -1)
+                out[name] = torch.cat([t, t.new_full((t.shape[0], pad, *t.shape[2:]), fill)], 1)
+        return cls(out)
+
+    @classmethod
+    def select(cls, values: Float[Tensor, "m c"], ids: Tensor, records: Tensor, k: int) -> TopKAccumulator:
+        """The top ``k`` of each row of candidates, by the tie rule (any candidate order)."""
+        return cls.top(values, ids, {"records": records}, k)
+
+    def _payload(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: tensors[name] for name in self.fields if name not in ("values", "ids")}
 
     def add_(self, other: AdditiveAccumulator) -> TopKAccumulator:
         self._check_compatible(other)
         t, o = self.tensors, {k: v.to(self.tensors[k].device) for k, v in other.tensors.items()}
-        merged = TopKAccumulator.select(torch.cat([t["values"], o["values"]], 1), torch.cat([t["ids"], o["ids"]], 1),
-                                        torch.cat([t["records"], o["records"]], 1), self.k)
+        both = {name: torch.cat([t[name], o[name]], 1) for name in self.fields}
+        merged = type(self).top(both["values"], both["ids"], self._payload(both), self.k)
         self.tensors = merged.tensors
         return self
 
@@ -235,7 +256,7 @@ class TopKAccumulator(AdditiveAccumulator):
         parts = {name: [torch.empty_like(t) for _ in range(world)] for name, t in self.tensors.items()}
         for name, t in self.tensors.items():
             dist.all_gather(parts[name], t.contiguous(), group=group)
-        values, ids, records = (torch.cat(parts[name], 1) for name in self.fields)
-        merged = TopKAccumulator.select(values, ids, records, self.k)
+        both = {name: torch.cat(parts[name], 1) for name in self.fields}
+        merged = type(self).top(both["values"], both["ids"], self._payload(both), self.k)
         self.tensors = merged.tensors
         return self
