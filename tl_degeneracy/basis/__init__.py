@@ -7,6 +7,8 @@
   coordinates, random rotations): the built-in kinds and how each is fitted.
 - ``bases``: ``InteractionBasis``, one basis per hook, fitted from ``Stats``, saved as one file.
 - ``splice``: a basis in a live model as hook points ``{hook}.hook_ib`` / ``{hook}.hook_ib_error``.
+- ``sae_lens_export``: an affine basis as a sae_lens SAE folder, two ReLU latents per direction
+  (``tl-degeneracy export --format sae-lens``).
 """
 from .bases import InteractionBasis
 from .coordinates import PCADirections, RandomDirections, StandardCoordinates, random_basis

@@ -6,6 +6,8 @@
     tl-degeneracy report DIR
     tl-degeneracy heads DIR [--threshold T]
     tl-degeneracy hooks [MODEL]
+    tl-degeneracy explore DIR [MODEL] [--tokens N] [--directions N]
+    tl-degeneracy export DIR --format sae-lens [--out OUT] [--basis interaction|pca|all] [--hooks ...]
 
 MODEL is a TransformerLens model name (``gpt2``), a local Hugging Face model folder, or
 omitted for the embedded default model; the dataset is a ``datasets`` name (streamed), a
@@ -25,10 +27,10 @@ from collections.abc import Sequence
 
 from ..interrupts import Terminated, sigterm_as_interrupt
 from ..version import __version__
-from . import analyze, heads, hooks, interactions, llc, report
+from . import analyze, explore, export, heads, hooks, interactions, llc, report
 from .common import Interrupted, Parser, UsageError, paragraph
 
-SUBCOMMANDS = (analyze, interactions, llc, report, heads, hooks)
+SUBCOMMANDS = (analyze, interactions, llc, report, explore, heads, hooks, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

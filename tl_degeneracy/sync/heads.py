@@ -14,7 +14,7 @@ ever alive; the float64 work is chunked over query positions.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence  # noqa: F401  (HeadSync.__init__ annotates layers with it)
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 

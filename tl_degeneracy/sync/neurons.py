@@ -19,7 +19,7 @@ Cost of treating neuron ``j`` as synchronized with ``i``:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence  # noqa: F401  (NeuronSync.__init__ annotates layers with it)
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -189,6 +189,7 @@ class NeuronLayerSync:
     sum_s_squared_minus_d: int = 0  # docs/theory.md §4: Σ s_a² − d (d = live neurons); can be < 0
     added_freedoms: int = 0  # Σ_blocks max(0, s_a² − |S_a|): what the degeneracy report adds
     dead_threshold: float | None = None  # absolute: dead_rtol × the layer's largest E[f²]
+    closest: tuple[int, int, float] | None = None  # the live pair with the smallest max(c_ij, c_ji), and that cost
 
 
 @dataclass
@@ -214,7 +215,8 @@ class SynchronizedNeurons:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["layers"] = {str(k): v for k, v in out["layers"].items()}
+        out["layers"] = {str(k): {**v, "closest": None if v["closest"] is None else list(v["closest"])}
+                         for k, v in out["layers"].items()}
         out["total_added_freedoms"] = self.total_added_freedoms
         return out
 
@@ -229,6 +231,8 @@ class SynchronizedNeurons:
         for k, v in data.get("layers", {}).items():
             v = dict(v)
             v["blocks"] = [NeuronBlock(**b) for b in v.get("blocks", [])]
+            if v.get("closest") is not None:
+                v["closest"] = (int(v["closest"][0]), int(v["closest"][1]), float(v["closest"][2]))
             layers[int(k)] = NeuronLayerSync(**v)
         data["layers"] = layers
         return cls(**data)
@@ -289,6 +293,12 @@ def synchronized_neurons(
         dead_set = set(dead)
         live = [i for i in range(d_mlp) if i not in dead_set]
         out = NeuronLayerSync(layer=l, d_mlp=d_mlp, dead=dead, d_live=len(live), dead_threshold=cut)
+        if len(live) > 1:  # the nearest pair, named even when nothing is synchronized
+            sym = torch.maximum(cost, cost.T)[live][:, live].nan_to_num(nan=torch.inf)
+            sym.fill_diagonal_(torch.inf)
+            flat = int(torch.argmin(sym))
+            a, b = live[flat // len(live)], live[flat % len(live)]
+            out.closest = (min(a, b), max(a, b), float(sym.reshape(-1)[flat]))
         in_blocks: set[int] = set()
         for members in blocks_below(cost, threshold, linkage, candidates=live):
             s_a = span_dim(gram[members][:, members], span_rtol)
