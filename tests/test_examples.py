@@ -81,6 +81,8 @@ def runs(tmp_path_factory):
         "heads": Run("detect_synchronized_heads.py", ["--model", "gpt2", *REDUCED], work, offline_hub=True),
         "modadd": Run("modadd_interaction_basis.py", ["--n", "200", "--out", str(work / "modadd.md")], work),
         "modadd_ix": Run("modadd_interactions.py", ["--n", "100", "--out", str(work / "modadd_ix.md")], work),
+        "modadd_fourier": Run("modadd_fourier.py", ["--n", "200", "--top", "3",
+                                                    "--out", str(work / "modadd_fourier.md")], work),
     }
     yield {"work": work, **started}
     for run in started.values():
@@ -182,3 +184,16 @@ def test_modadd_interactions(runs):
         assert section in text, text
     for basis in ("interaction", "pca", "standard"):
         assert f"| {basis} |" in text
+
+
+def test_modadd_fourier(runs):
+    runs["modadd_fourier"].result()
+    text = (runs["work"] / "modadd_fourier.md").read_text()
+    for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
+        for basis in ("interaction", "pca"):
+            assert f"## `blocks.0.{hook}`, {basis}" in text, text
+    rows = re.findall(r"^\| `hook_resid_\w+` \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text,
+                      flags=re.M)
+    assert len(rows) == 12, text  # 3 hooks × (interaction, pca, standard, random)
+    for _, s1, s2, s5, key in rows:
+        assert 0 <= float(s1) <= float(s2) <= float(s5) <= 1.0005 and 0 <= float(key) <= 1.0005
