@@ -228,7 +228,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["analyze", "report", "heads", "hooks"])
+@pytest.mark.parametrize("command", ["analyze", "report", "explore", "heads", "hooks"])
 def test_help_explains_every_option_and_its_default(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: each option's help on one line
     assert main([command, "--help"]) == 0

@@ -36,6 +36,17 @@ def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+# report.json's field names → the account table's column headers, so that notes name what the reader sees
+_COLUMNS = {"free_from_G": "free (G≈0)", "free_from_K": "free (K≈0)", "free_combined": "free (G∪K)",
+            "kfac_rank": "K-FAC rank", "(g_threshold, k_threshold)": "(g_threshold, k_threshold in report.json)"}
+
+
+def _as_shown(note: str) -> str:
+    for field, column in _COLUMNS.items():
+        note = note.replace(field, column)
+    return note
+
+
 def _fmt(value: object) -> str:
     """Numbers as people read them: no "−0", large counts with separators, None as "–"."""
     if value is None:
@@ -59,7 +70,8 @@ def _details(summary: str, body: str, open_: bool = False) -> str:
     return f"<details{' open' if open_ else ''}><summary>{html.escape(summary)}</summary>{body}</details>"
 
 
-def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Path) -> Path:
+def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Path, explore: str | None = None) -> Path:
+    """report.html; ``explore``: a relative link to the direction dashboards' index, when they exist."""
     m = report.model
     cfg = m.get("cfg", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tl_degeneracy report</title>"
@@ -70,6 +82,10 @@ def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Pat
              f"{html.escape(str(m.get('transformer_lens', '?')))}; {report.n_tokens:,} tokens, "
              f"{report.n_probes} probes per batch, {report.seconds} s. Eigenvalues below rtol = {report.rtol:g} × the "
              f"largest count as zero (absolute thresholds in each table row).</p>"]
+    if explore is not None:
+        parts.append(f"<p><a href='{html.escape(explore)}'><b>Direction dashboards</b></a>: what each of the most "
+                     "important interaction-basis and PCA directions responds to (top contexts of both signs, "
+                     "histograms) and what it does (direct logit effect, edges).</p>")
     if report.errors:
         parts.append("<div class='error'><b>Sections that could not be computed</b> (the statistics are kept; "
                      "<code>tl-degeneracy report DIR</code> rebuilds the report):<ul>"
@@ -114,7 +130,8 @@ def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Pat
                      f"{_fmt(d.neuron_threshold)}) → <b>{t.effective_parameters:,}</b> effective parameters.</p>")
         parts.append("".join(_img(p, wide=True) for p in figures.get("parameters", [])))
         if d.notes:
-            parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in d.notes) + "</ul>")
+            parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(_as_shown(n))}</li>" for n in d.notes)
+                         + "</ul>")
 
     heads = report.synchronized_heads
     if heads is not None:
@@ -138,9 +155,13 @@ def write_html(report: AnalysisReport, figures: dict[str, list[Path]], path: Pat
         parts.append("<h2>Synchronized and dead neurons</h2>")
         parts.append(f"<p class='note'>threshold {neurons.threshold:g} on the {html.escape(neurons.meaning)}; dead: "
                      f"E[f²] ≤ {_fmt(neurons.dead_rtol)} × the layer's largest.</p>")
+        def pair(c: tuple[int, int, float] | None) -> str:
+            return "–" if c is None else f"{c[0]}–{c[1]} ({_fmt(c[2])})"
+
         rows = [[l, s.d_mlp, len(s.dead), sum(len(b.neurons) > 1 for b in s.blocks), s.sum_s_squared_minus_d,
-                 s.added_freedoms] for l, s in neurons.layers.items()]
-        parts.append(_table(["layer", "d_mlp", "dead", "blocks (>1 neuron)", "Σ s_a² − d", "added freedoms"],
+                 s.added_freedoms, pair(s.closest)] for l, s in neurons.layers.items()]
+        parts.append(_table(["layer", "d_mlp", "dead", "blocks (>1 neuron)", "Σ s_a² − d", "added freedoms",
+                             "closest pair (cost)"],
                             [[_fmt(c) for c in r] for r in rows]))
     if report.interactions is not None:
         parts.append(_interactions_html(report.interactions, figures))

@@ -132,9 +132,17 @@ def cross_layer_summary(report: Any, basis: Any, path: Path) -> Path | None:
         ax.plot(layers, [len(neurons.layers[l].dead) for l in layers], "k.", label="dead neurons")
         drew = True
     if drew:
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_xlabel("layer")
         ax.set_ylabel("count")
-        ax.legend(fontsize=7)
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))  # counts: from 0, never a ±0.04 axis
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if all(h.get_height() == 0 for h in ax.patches) and not any(any(line.get_ydata()) for line in ax.lines):
+            ax.text(0.5, 0.6, "none synchronized or dead\nat these thresholds", ha="center", transform=ax.transAxes,
+                    fontsize=8, color="#555")
+        ax.legend(fontsize=7, loc="upper left")
         ax.set_title("synchronisation per layer", fontsize=9)
     else:
         ax.set_axis_off()

@@ -46,4 +46,5 @@ def render(out: str | Path) -> Path:
         figures.update(interaction_figures(out, report.interactions))
     if report.llc is not None:
         figures.update(llc_figures(out, report.llc))
-    return write_html(report, figures, out / HTML_FILE)
+    explore = "explore/index.html" if (out / "explore" / "index.html").is_file() else None
+    return write_html(report, figures, out / HTML_FILE, explore=explore)
