@@ -9,6 +9,7 @@ One more pass over the analysis's data, forward only and stopped after the last 
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from ..collection.grams import collect
 from ..collection.options import StreamOptions
 from ..collection.stats import Stats
 from ..dashboards.examples import DirectionExamples
-from ..dashboards.pages import write_pages
+from ..dashboards.facts import DirectionFacts
+from ..dashboards.pages import DirectionView, write_pages
 from ..dashboards.views import direction_views
 from ..generations import HookedModel, describe_model
 from ..validation import optional_positive_int, positive_int
@@ -29,6 +31,7 @@ from .report import AnalysisReport
 EXAMPLES_FILE = "examples.safetensors"
 EXPLORE_CHECKPOINT_FILE = "explore_checkpoint.safetensors"
 EXPLORE_DIR = "explore"
+FACTS_FILE = "directions.json"  # in EXPLORE_DIR: every direction's facts (what the pages show beside the examples)
 BASES = (("interaction", BASIS_FILE), ("pca", PCA_FILE))
 
 
@@ -128,8 +131,17 @@ def write_explore_pages(model: HookedModel, out: str | Path, examples: Stats, re
         "the unembedding; the direct path only.",
     ]
     cfg = report.model.get("cfg", {}) if isinstance(report.model, dict) else {}
-    title = f"Directions of {cfg.get('model_name') or 'the model'} — {report.provenance.dataset}"
-    folder = out / "explore"
+    facts = {hook: {basis: [v.facts.to_dict() for v in per] for basis, per in by_basis.items()}
+             for hook, by_basis in views.items()}
+    decode = _decoder(model)
+    used = sorted({int(t) for acc in examples.accumulators.values() if "records" in acc.tensors
+                   for t in acc.tensors["records"].unique().tolist() if t >= 0})
+    (out / EXPLORE_DIR).mkdir(exist_ok=True)
+    (out / EXPLORE_DIR / FACTS_FILE).write_text(json.dumps({"facts": facts, "tokens": {t: decode(t) for t in used}}))
+    name = str(cfg.get("model_name") or "the model")
+    name = Path(name).name if "/" in name else name  # a local folder: its name, not where it lies
+    title = f"Directions of {name} — {report.provenance.dataset}"
+    folder = out / EXPLORE_DIR
     write_pages(folder, views, {"title": title, "notes": notes, "report": "../report.html"}, n_show=shown)
     return folder / "index.html"
 
@@ -154,3 +166,24 @@ def _reference_modules(report: AnalysisReport) -> dict[str, dict[str, list[int]]
             assert best.modules is not None
             chosen[basis] = best.modules
     return chosen or None
+
+
+def load_views(out: str | Path) -> tuple[dict[str, dict[str, list[DirectionView]]], dict[str, Any], Stats]:
+    """The explored directions of a folder (``examples.safetensors`` and ``explore/directions.json``) without the
+    model: ``(views[hook][basis], the DirectionExamples record, the examples' Stats)``."""
+    out = Path(out)
+    examples = Stats.load(out / EXAMPLES_FILE)
+    assert examples.run is not None
+    record = next(o for o in examples.run.config["observers"] if o["kind"] == DirectionExamples.kind)
+    bases = {name: InteractionBasis.load(out / file).layers for name, file in BASES if (out / file).is_file()}
+    saved = json.loads((out / EXPLORE_DIR / FACTS_FILE).read_text())
+    tokens = {int(t): text for t, text in saved["tokens"].items()}
+    views = direction_views(examples, record, bases, lambda t: tokens.get(t, f"<{t}>"), model=None)
+    decoded: dict[str, dict[str, list[DirectionView]]] = {}
+    for hook, per in views.items():
+        for basis, items in per.items():
+            facts = [DirectionFacts.from_dict(f) for f in saved["facts"][hook][basis]]
+            for view, fact in zip(items, facts):
+                view.facts = fact
+            decoded.setdefault(hook, {})[basis] = items
+    return decoded, record, examples

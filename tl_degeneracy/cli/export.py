@@ -2,6 +2,9 @@
 
 Formats (``FORMATS``: a format is one function that writes an ``Export`` and returns what it wrote):
 
+- ``neuronpedia``: SAEDashboard's Neuronpedia JSON (``batch-0.json``: top activations, histograms,
+  density, logit effects) for the same latents, from ``tl-degeneracy explore``'s examples
+  (``tl_degeneracy.dashboards.neuronpedia``).
 - ``sae-lens``: one sae_lens SAE folder per basis and hook, ``OUT/{basis}/{hook}/cfg.json`` and
   ``sae_weights.safetensors``, for ``sae_lens.SAE.load_from_disk`` (and so SAEDashboard and Neuronpedia's
   tools). Each direction is two ReLU latents, ``relu(f̂)`` and ``relu(−f̂)``, and the SAE reconstructs
@@ -70,7 +73,49 @@ def write_sae_lens(export: Export) -> list[Path]:
     return written
 
 
-FORMATS: dict[str, Callable[[Export], list[Path]]] = {"sae-lens": write_sae_lens}
+def write_neuronpedia(export: Export) -> list[Path]:
+    """``--format neuronpedia``: SAEDashboard's ``batch-0.json`` per basis and hook, for the latents of the
+    sae-lens export, from the direction dashboards (``tl-degeneracy explore DIR`` first), in SAEDashboard's
+    folder naming ``OUT/{model_id}_{sae_set}_{hook}_{d_sae}/``."""
+    import json
+
+    from ..analysis.explore import EXAMPLES_FILE, load_views
+    from ..dashboards.examples import HistogramBins
+    from ..dashboards.facts import decoder_vectors
+    from ..dashboards.neuronpedia import batch_json
+
+    if not (export.run_dir / EXAMPLES_FILE).is_file():
+        raise ValueError(f"{export.run_dir} has no direction dashboards ({EXAMPLES_FILE}): run `tl-degeneracy explore "
+                         f"{export.run_dir}` first; the Neuronpedia JSON is made from its examples and histograms")
+    views, record, examples = load_views(export.run_dir)
+    bins = HistogramBins(**record["bins"])
+    run = export.report.provenance.run
+    context = int(run["config"].get("context") or export.report.model["cfg"]["n_ctx"])
+    model_id = Path(model_name(export)).name
+    written = []
+    for hook in export.hooks:
+        for name, basis in export.bases.items():
+            items = views.get(hook, {}).get(name)
+            if not items or hook not in basis.layers:
+                continue
+            layer = basis.layers[hook]
+            sae_set = f"tld-{name}"
+            batch = batch_json(items, hook, layer.k, model_id, sae_set,
+                               decoder_vectors(layer, [v.facts.index for v in items]), bins,
+                               n_prompts=max(1, examples.n_tokens // context), context=context,
+                               dataset=export.report.provenance.dataset)
+            folder = export.out / f"{model_id}_{sae_set}_{hook}_{2 * layer.k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "batch-0.json"
+            path.write_text(json.dumps(batch))
+            written.append(path)
+    if not written:
+        raise ValueError("the direction dashboards cover none of the chosen bases and hooks; rerun `tl-degeneracy "
+                         "explore` or choose others with --basis/--hooks")
+    return written
+
+
+FORMATS: dict[str, Callable[[Export], list[Path]]] = {"sae-lens": write_sae_lens, "neuronpedia": write_neuronpedia}
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -80,7 +125,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "two ReLU latents per direction (relu(f̂) and relu(−f̂)).")
     e.add_argument("dir", metavar="DIR", help="the --out folder of a finished `tl-degeneracy analyze` run (required)")
     e.add_argument("--format", required=True, choices=sorted(FORMATS),
-                   help="the format to write: sae-lens (cfg.json + sae_weights.safetensors per hook) (required)")
+                   help="the format to write: sae-lens (cfg.json + sae_weights.safetensors per hook), neuronpedia "
+                        "(SAEDashboard's batch-0.json per hook, from `tl-degeneracy explore`) (required)")
     e.add_argument("--out", type=Path, default=None, metavar="OUT",
                    help="the folder to write into, created if missing (default: DIR/<format>, e.g. DIR/sae_lens)")
     e.add_argument("--basis", choices=[*BASIS_FILES, "all"], default="interaction",

@@ -25,6 +25,7 @@ from ..generations import HookedModel
 from .examples import ActivationHistogram, HistogramBins
 
 IMPORTANCE_NAMES = {"interaction": "Λ", "pca": "variance", "standard": "variance"}
+LOGIT_BINS = 40
 
 
 @dataclass
@@ -63,9 +64,20 @@ class DirectionFacts:
     in_edges: list[Edge] = field(default_factory=list)
     out_edges: list[Edge] = field(default_factory=list)
     module: int | None = None  # module label at the report's reference ε (interaction graph), if any
+    logits_hist_values: list[float] = field(default_factory=list)  # bin centres of the whole logit effect
+    logits_hist_heights: list[int] = field(default_factory=list)  # tokens per bin (LOGIT_BINS bins)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DirectionFacts:
+        data = dict(data)
+        for key in ("logits_top", "logits_bottom"):
+            data[key] = [TokenEffect(**t) for t in data.get(key, [])]
+        for key in ("in_edges", "out_edges"):
+            data[key] = [Edge(**e) for e in data.get(key, [])]
+        return cls(**data)
 
 
 def densities(hist: ActivationHistogram, bins: HistogramBins) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,3 +119,11 @@ def top_tokens(effects: Float[Tensor, " vocab"], decode: Any, n: int = 10
     bottom = torch.topk(-effects, min(n, effects.numel()))
     return ([TokenEffect(decode(int(i)), float(v)) for v, i in zip(top.values, top.indices)],
             [TokenEffect(decode(int(i)), float(-v)) for v, i in zip(bottom.values, bottom.indices)])
+
+
+def logit_histogram(effects: Float[Tensor, " vocab"], bins: int = LOGIT_BINS) -> tuple[list[float], list[int]]:
+    """Centres and counts of ``bins`` equal bins over the range of a direction's logit effect."""
+    lo, hi = float(effects.min()), float(effects.max())
+    counts = torch.histc(effects.to(torch.float64), bins=bins, min=lo, max=hi)
+    width = (hi - lo) / bins
+    return [lo + width * (i + 0.5) for i in range(bins)], [int(c) for c in counts.tolist()]

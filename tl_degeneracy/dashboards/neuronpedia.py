@@ -42,11 +42,12 @@ def layer_of_hook(hook: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _activation(example: Example, sign: float) -> dict[str, Any]:
-    """One context: relu(±f̂) at each token (0 beyond the sequence), as SAEDashboard's top-activation group."""
+def _activation(example: Example, sign: float, group_max: float) -> dict[str, Any]:
+    """One context of SAEDashboard's top-activation group (``bin_min``/``bin_contains`` −1, ``bin_max`` the group's
+    largest activation): relu(±f̂) at each token of the window (tokens beyond the sequence left out)."""
     keep = [i for i, t in enumerate(example.tokens) if t is not None]
     values = [round(max(0.0, sign * (example.values[i] or 0.0)), 5) for i in keep]
-    return {"bin_min": -1, "bin_max": round(max(values, default=0.0), 5), "bin_contains": -1,
+    return {"bin_min": -1, "bin_max": round(group_max, 5), "bin_contains": -1,
             "tokens": [example.tokens[i] for i in keep], "values": values,
             "qualifying_token_index": keep.index(example.center)}
 
@@ -66,10 +67,10 @@ def _histogram(counts: Sequence[int], scale: float, bins: HistogramBins) -> tupl
     return centres, heights
 
 
-def feature_json(view: DirectionView, index: int, sign: float, decoder: torch.Tensor | None,
-                 logits: torch.Tensor | None, decode: Any, bins: HistogramBins, n_prompts: int, context: int,
-                 dataset: str, n_logits: int = 10) -> dict[str, Any]:
-    """One latent's entry (``sign`` +1: ``relu(f̂_i)``, −1: ``relu(−f̂_i)``)."""
+def feature_json(view: DirectionView, index: int, sign: float, decoder: torch.Tensor | None, bins: HistogramBins,
+                 n_prompts: int, context: int, dataset: str) -> dict[str, Any]:
+    """One latent's entry (``sign`` +1: ``relu(f̂_i)``, −1: ``relu(−f̂_i)``, whose decoder is ``−C⁺[:, i]``: its
+    logit effect is the direction's negated, so the tokens it raises are those the direction lowers)."""
     f = view.facts
     examples = view.positive if sign > 0 else view.negative
     counts = view.hist_positive if sign > 0 else view.hist_negative
@@ -84,50 +85,39 @@ def feature_json(view: DirectionView, index: int, sign: float, decoder: torch.Te
         align_i = [int(i) for i in top.indices]
         align_v = [round(float(d[i]), 5) for i in top.indices]
         align_l1 = [round(abs(v) / l1, 5) for v in align_v]
-    pos_str: list[str] = []
-    pos_values: list[float] = []
-    neg_str: list[str] = []
-    neg_values: list[float] = []
-    hist_heights: list[int] = []
-    hist_values: list[float] = []
-    if logits is not None:
-        effect = sign * logits.to(torch.float64)
-        up, down = torch.topk(effect, n_logits), torch.topk(-effect, n_logits)
-        pos_str, pos_values = [decode(int(i)) for i in up.indices], [round(float(v), 5) for v in up.values]
-        neg_str, neg_values = [decode(int(i)) for i in down.indices], [round(-float(v), 5) for v in down.values]
-        lo, hi = float(effect.min()), float(effect.max())
-        h = torch.histc(effect, bins=40, min=lo, max=hi)
-        width = (hi - lo) / 40
-        hist_heights = [int(x) for x in h.tolist()]
-        hist_values = [round(lo + width * (i + 0.5), 5) for i in range(40)]
+    raises, lowers = (f.logits_top, f.logits_bottom) if sign > 0 else (f.logits_bottom, f.logits_top)
+    hist_values = [round(sign * v, 5) for v in f.logits_hist_values]
+    hist_heights = list(f.logits_hist_heights)
+    if sign < 0:
+        hist_values, hist_heights = hist_values[::-1], hist_heights[::-1]
     feature = {
         "feature_index": index,
         "neuron_alignment_indices": align_i, "neuron_alignment_values": align_v, "neuron_alignment_l1": align_l1,
         "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
         "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
-        "neg_str": neg_str, "neg_values": neg_values, "pos_str": pos_str, "pos_values": pos_values,
+        "neg_str": [t.token for t in lowers], "neg_values": [round(sign * t.value, 5) for t in lowers],
+        "pos_str": [t.token for t in raises], "pos_values": [round(sign * t.value, 5) for t in raises],
         "frac_nonzero": round(sum(counts) / max(f.n, 1), 7),
         "freq_hist_data_bar_values": centres, "freq_hist_data_bar_heights": heights,
         "logits_hist_data_bar_heights": hist_heights, "logits_hist_data_bar_values": hist_values,
         "n_prompts_total": n_prompts, "n_tokens_in_prompt": context, "dataset": dataset,
-        "decoder_weights_dist": [], "activations": [_activation(e, sign) for e in examples], "vector": [],
+        "decoder_weights_dist": [], "activations": [_activation(e, sign, abs(examples[0].value)) for e in examples], "vector": [],
     }
     assert tuple(feature) == FEATURE_KEYS
     return feature
 
 
 def batch_json(views: Sequence[DirectionView], hook: str, k: int, model_id: str, sae_set: str,
-               decoders: torch.Tensor | None, logits: torch.Tensor | None, decode: Any, bins: HistogramBins,
-               n_prompts: int, context: int, dataset: str) -> dict[str, Any]:
+               decoders: torch.Tensor | None, bins: HistogramBins, n_prompts: int, context: int,
+               dataset: str) -> dict[str, Any]:
     """``batch-0.json`` for the latents of the chosen directions of one hook's basis (``k`` its number of
-    directions: latent ``k + i`` is direction ``i``'s negative side). ``decoders[:, r]`` and ``logits[r]`` belong
-    to ``views[r]``."""
+    directions: latent ``k + i`` is direction ``i``'s negative side, as in the sae_lens export).
+    ``decoders[:, r]`` is ``views[r]``'s ``C⁺`` column."""
     features = []
     for r, view in enumerate(views):
         for sign, offset in ((1.0, 0), (-1.0, k)):
             features.append(feature_json(view, view.facts.index + offset, sign,
-                                         None if decoders is None else decoders[:, r],
-                                         None if logits is None else logits[r], decode, bins, n_prompts, context,
+                                         None if decoders is None else decoders[:, r], bins, n_prompts, context,
                                          dataset))
     features.sort(key=lambda f: f["feature_index"])
     return {"model_id": model_id, "layer": layer_of_hook(hook), "sae_set": sae_set, "sae_id_suffix": None,

@@ -14,6 +14,7 @@ from .facts import (
     decoder_vectors,
     densities,
     direct_logit_effects,
+    logit_histogram,
     top_tokens,
 )
 from .pages import DirectionView, Example
@@ -90,6 +91,7 @@ def direction_views(stats: Any, observer: Mapping[str, Any], bases: Mapping[str,
                     density_negative=float(below[r]))
                 if effects is not None:
                     facts.logits_top, facts.logits_bottom = top_tokens(effects[r], decode, n_logits)
+                    facts.logits_hist_values, facts.logits_hist_heights = logit_histogram(effects[r])
                 if graph is not None:
                     vertex = _vertex(graph, hook, i)
                     if vertex is not None:
