@@ -101,9 +101,10 @@ def feature_json(view: DirectionView, index: int, sign: float, decoder: torch.Te
         "freq_hist_data_bar_values": centres, "freq_hist_data_bar_heights": heights,
         "logits_hist_data_bar_heights": hist_heights, "logits_hist_data_bar_values": hist_values,
         "n_prompts_total": n_prompts, "n_tokens_in_prompt": context, "dataset": dataset,
-        "decoder_weights_dist": [], "activations": [_activation(e, sign, abs(examples[0].value)) for e in examples], "vector": [],
+        "decoder_weights_dist": [], "vector": [],
+        "activations": [_activation(e, sign, abs(examples[0].value)) for e in examples],
     }
-    assert tuple(feature) == FEATURE_KEYS
+    feature = {key: feature[key] for key in FEATURE_KEYS}  # SAEDashboard's to_dict order
     return feature
 
 
