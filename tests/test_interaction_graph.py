@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import matplotlib.image
 import pytest
@@ -136,7 +137,7 @@ def test_planted_modules_are_found_at_zero_cost():
     assert same_partition(result.assignment, truth)
     assert result.cut_cost == 0.0 and result.cut == [] and result.optimal
     assert result.module_sizes == [12, 12] and result.assignment[0] == 0
-    assert [b.method for b in result.bisections] == ["components"]
+    assert [b.method for b in result.bisections] == ["components"] and result.search == "metis"
     assert result.eps == pytest.approx(1e-3 * max(float(E.max()) for E in graph.edges)) and result.eps_rtol == 1e-3
     assert [len(m) for m in result.by_node()] == [8, 8, 8]
     json.dumps(result.to_dict())
@@ -158,16 +159,94 @@ def test_weak_cross_edge_is_the_only_cut_and_costs_what_eq35_says():
     assert abs(cut_cost(graph, truth, eps) - 0.5 * math.log(E_c / eps)) < 1e-12
 
 
-def test_kernighan_lin_alone_finds_the_weak_edge(monkeypatch):
-    monkeypatch.setattr(modules_module, "_MIN_CUT_MAX_WORK", 0)  # no Stoer–Wagner: KL restarts must do it
-    graph, truth = planted([4, 4, 4], [4, 4, 4], seed=2)
-    j = next(d for d in range(8) if truth[d] == 1)
-    i = next(d for d in range(8) if truth[8 + d] == 0)
-    graph.edges[0][i, j] = 1e-2
+def weak_link(seed, a_to_b=True, strength=1e-2):
+    """``planted`` 4 + 4 per node with one weak edge between the modules, node 0 → node 1."""
+    graph, truth = planted([4, 4, 4], [4, 4, 4], seed=seed)
+    j = next(d for d in range(8) if truth[d] == (0 if a_to_b else 1))
+    i = next(d for d in range(8) if truth[8 + d] == (1 if a_to_b else 0))
+    graph.edges[0][i, j] = strength
+    return graph, truth
+
+
+def test_metis_alone_finds_the_weak_edge(monkeypatch):
+    monkeypatch.setattr(modules_module, "_MIN_CUT_MAX_WORK", 0)  # no Stoer–Wagner: METIS must do it
+    graph, truth = weak_link(seed=2, a_to_b=False)
     result = find_modules(graph, eps=1e-4, balance=0.0, seed=3)
-    assert result.bisections[0].method == "kernighan_lin" and not result.optimal
+    assert result.bisections[0].method == "metis" and not result.optimal and result.search == "metis"
     assert same_partition(result.assignment, truth)
     assert abs(result.cut_cost - 0.5 * math.log(1e-2 / 1e-4)) < 1e-12
+    record = result.to_dict()["bisections"][0]["metis"]
+    assert record["runs"] == 8 and record["resolution"] > 0 and record["moved"] == 0
+
+
+def test_kernighan_lin_fallback_finds_the_weak_edge_without_pymetis(monkeypatch):
+    monkeypatch.setattr(modules_module, "_MIN_CUT_MAX_WORK", 0)
+    monkeypatch.setitem(sys.modules, "pymetis", None)  # `import pymetis` raises ImportError
+    graph, truth = weak_link(seed=2, a_to_b=False)
+    with pytest.warns(RuntimeWarning, match="pymetis could not be imported"):
+        result = find_modules(graph, eps=1e-4, balance=0.0, seed=3)
+    assert result.bisections[0].method == "kernighan_lin" and not result.optimal
+    assert result.search == "kernighan_lin" and "pymetis could not be imported" in result.search_meaning
+    assert same_partition(result.assignment, truth)
+    assert abs(result.cut_cost - 0.5 * math.log(1e-2 / 1e-4)) < 1e-12
+
+
+def _graph_case(name):
+    """The graphs of this file's module tests, by name, with the arguments they are searched with."""
+    if name == "planted":
+        return planted([4, 4, 4], [4, 4, 4])[0], {"eps_rtol": 1e-3}
+    if name == "weak_link":
+        return weak_link(seed=1)[0], {"eps": 1e-4}
+    if name == "weak_link_exact_halves":
+        return weak_link(seed=2, a_to_b=False)[0], {"eps": 1e-4, "balance": 0.0, "seed": 3}
+    if name in ("unbalanced", "unbalanced_exact_halves"):
+        return planted([5, 5, 4], [3, 3, 4])[0], {"eps_rtol": 1e-3, "balance": 0.2 if name == "unbalanced" else 0.0}
+    if name == "free_vertices":
+        return planted([5, 5, 4], [2, 2, 2], free=(2, 1, 1))[0], {"eps_rtol": 1e-3}
+    if name == "too_unequal":
+        return planted([6, 6, 6], [2, 2, 2])[0], {"eps_rtol": 1e-3}
+    if name == "four_modules":
+        return four_modules()[0], {"eps_rtol": 1e-3, "n_modules": 4}
+    if name == "by_hand":
+        return InteractionGraph("pca", ["a", "b"], [f64([[1.0, 0.5], [0.25, 2.0]])]), {}
+    if name == "all_zero":
+        return InteractionGraph("random", ["a", "b", "c"], [torch.zeros(3, 4, dtype=torch.float64),
+                                                            torch.zeros(2, 3, dtype=torch.float64)]), {}
+    if name == "random_comparison":
+        graph, _ = planted([4, 4, 4], [4, 4, 4], seed=4)
+        graph.edges[1][0, 0] = max(float(graph.edges[1][0, 0]), 1e-2)
+        return graph, {"eps": 1e-4}
+    assert name.startswith("sweep_")
+    return weak_link(seed=6)[0], {"eps_rtol": float(name.removeprefix("sweep_"))}
+
+
+GRAPH_CASES = ["planted", "weak_link", "weak_link_exact_halves", "unbalanced", "unbalanced_exact_halves",
+               "free_vertices", "too_unequal", "four_modules", "by_hand", "all_zero", "random_comparison",
+               *(f"sweep_{r:g}" for r in (1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 2e-2, 1e-1))]
+
+
+@pytest.mark.parametrize("stoer_wagner", [True, False])
+@pytest.mark.parametrize("name", GRAPH_CASES)
+def test_metis_search_equals_the_kernighan_lin_search_on_every_module_test_graph(monkeypatch, name, stoer_wagner):
+    """The search before METIS (components, Stoer–Wagner, Kernighan–Lin: today's fallback) and the search
+    with METIS give the same modules on every graph of these tests; without Stoer–Wagner, every split
+    that is not a zero-cost packing is METIS's or KL's alone, and they still agree."""
+    if not stoer_wagner:
+        monkeypatch.setattr(modules_module, "_MIN_CUT_MAX_WORK", 0)
+    graph, kwargs = _graph_case(name)
+    metis = find_modules(graph, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "pymetis", None)
+        with pytest.warns(RuntimeWarning, match="pymetis could not be imported"):
+            kl = find_modules(graph, **kwargs)
+    assert (metis.search, kl.search) == ("metis", "kernighan_lin")
+    assert metis.assignment == kl.assignment and metis.module_sizes == kl.module_sizes
+    assert metis.cut_cost == pytest.approx(kl.cut_cost, rel=1e-12, abs=1e-15)
+    heuristic = {b.method for b in metis.bisections} - {"components", "min_cut"}
+    assert heuristic <= {"metis"} and ({b.method for b in kl.bisections} - {"components", "min_cut"}) <= \
+        {"kernighan_lin"}
+    if not stoer_wagner and metis.cut_cost > 0:
+        assert heuristic == {"metis"}  # METIS itself found these modules
 
 
 def test_unbalanced_components_within_the_bound():
@@ -193,18 +272,23 @@ def test_components_too_unequal_to_pack_are_cut_within_the_bound():
     graph, _ = planted([6, 6, 6], [2, 2, 2])  # 18 : 6 does not fit 10 … 14
     result = find_modules(graph, 1e-3, balance=0.2)
     assert result.cut_cost > 0 and 10 <= min(result.module_sizes) <= max(result.module_sizes) <= 14
-    assert result.bisections[0].method in ("min_cut", "kernighan_lin")
+    assert result.bisections[0].method in ("min_cut", "metis")
 
 
-def test_four_planted_modules():
+def four_modules():
+    """Three nodes of 12 directions, four modules of 3 directions per node, zeros across."""
     gen = torch.Generator().manual_seed(5)
     truth_by_node = [torch.arange(4).repeat_interleave(3)[torch.randperm(12, generator=gen)] for _ in range(3)]
     zero = torch.zeros((), dtype=torch.float64)
     edges = [torch.where(t_out[:, None] == t_in[None, :], 0.5 + torch.rand(12, 12, generator=gen, dtype=torch.float64),
                          zero) for t_in, t_out in zip(truth_by_node[:-1], truth_by_node[1:])]
-    graph = InteractionGraph("standard", ["a", "b", "c"], edges)
+    return InteractionGraph("standard", ["a", "b", "c"], edges), torch.cat(truth_by_node).tolist()
+
+
+def test_four_planted_modules():
+    graph, truth = four_modules()
     result = find_modules(graph, 1e-3, n_modules=4)
-    assert same_partition(result.assignment, torch.cat(truth_by_node).tolist())
+    assert same_partition(result.assignment, truth)
     assert result.cut_cost == 0.0 and result.module_sizes == [9, 9, 9, 9] and len(result.bisections) == 3
 
 

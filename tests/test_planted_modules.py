@@ -8,6 +8,7 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.interactions import collect_edges, cut_scale, find_modules, node_bases, random_partition_costs
+from tl_degeneracy.interactions import modules as modules_module
 from tl_degeneracy.testing.planted import planted_modular_model, planted_tokens
 
 pytestmark = pytest.mark.models
@@ -47,7 +48,7 @@ def test_module_search_finds_the_two_planted_modules_at_zero_cost_in_every_basis
         assert float(random.costs.min()) > 0, name  # every random split of the same sizes cuts real edges
 
 
-def test_a_planted_cross_edge_is_the_only_cut_and_costs_what_the_formula_says():
+def test_a_planted_cross_edge_is_the_only_cut_and_costs_what_the_formula_says(monkeypatch):
     _, weak = _graphs(planted_modular_model(seed=0, cross=0.02), kinds=("standard",))
     _, double = _graphs(planted_modular_model(seed=0, cross=0.04), kinds=("standard",))
     E, E2 = weak["standard"].edges[1], double["standard"].edges[1]
@@ -63,4 +64,9 @@ def test_a_planted_cross_edge_is_the_only_cut_and_costs_what_the_formula_says():
     result = find_modules(graph, eps=scale.eps)
     assert [(c.pair, c.i, c.j) for c in result.cut] == [(1, half, 0)]
     assert result.cut_cost == pytest.approx(0.5 * math.log(float(E[half, 0]) / scale.eps), rel=1e-12)
-    assert result.module_sizes == [12, 12]
+    assert result.module_sizes == [12, 12] and result.bisections[0].method == "min_cut"
+    # METIS alone (no Stoer–Wagner certificate) finds the same modules, at the same float64 cost
+    monkeypatch.setattr(modules_module, "_MIN_CUT_MAX_WORK", 0)
+    metis = find_modules(graph, eps=scale.eps)
+    assert metis.bisections[0].method == "metis" and metis.assignment == result.assignment
+    assert metis.cut_cost == result.cut_cost

@@ -3,7 +3,7 @@
 **Cost** (docs/theory.md §6). Cutting an edge of weight ``w = E^{1/2}`` costs
 ``max(0, log(w / ε^{1/2})) = max(0, ½ log(E_ij / ε))``: edges at or below the loss scale ε are
 free to cut, and weak links add logarithmically. A partition's cost is the sum over the edges
-between different modules.
+between different modules, always recomputed in float64 from the labels (``cut_cost``).
 
 **ε.** Given as ``eps_rtol`` relative to the largest edge of the graph (the package convention,
 docs/theory.md §7: ``ε = eps_rtol · max E``), or as an absolute ``eps``, which then replaces it.
@@ -16,33 +16,57 @@ bound ``β``: a side meant to hold a fraction ``t`` of the vertices holds betwee
 ``(t + β/2)·m`` of the ``m`` vertices (for two modules, between ``(1−β)/2`` and ``(1+β)/2``);
 without it one module wins trivially. Sizes nearest the target are always allowed. Vertices
 with no positive-cost edge are *free*: they cost nothing anywhere and are placed to balance.
-Each bisection takes the first of these that applies:
+Edges that cost nothing (``E ≤ ε``) are dropped before the search; the rest are held as CSR
+arrays (``partition.CostGraph``). Each bisection takes the first of these that applies, and
+records which (``Bisection.method``):
 
-1. **Connected components** (exact): if the components of the positive-cost graph can be packed
-   into two sides within the bound (a subset-sum over component sizes, free vertices filling
-   up), the cut costs 0 — the optimum. Kernighan–Lin alone can miss such a cut: it only swaps
-   pairs of vertices, at a fixed size, from a random start.
-2. **Global minimum cut** (exact when it applies): networkx's Stoer–Wagner on the positive-cost
-   graph when it is connected and small (``_MIN_CUT_MAX_WORK``); if that cut can be balanced with the
-   free vertices it is the cheapest balanced bisection, since (1) having failed, every balanced
-   bisection cuts that graph somewhere. This certifies a single weak link between two modules.
-3. **Kernighan–Lin** (heuristic): ``networkx.algorithms.community.kernighan_lin_bisection`` from
-   ``restarts`` seeded random starts at the target size and at the two extreme allowed sizes (KL
-   swaps pairs, so each run keeps its start's sizes exactly); the cheapest is kept. Not certified.
+1. **Connected components** (``"components"``, exact): if the components of the positive-cost
+   graph can be packed into two sides within the bound (a subset-sum over component sizes, free
+   vertices filling up), the cut costs 0 — the optimum. A local search can miss such a cut.
+2. **Global minimum cut** (``"min_cut"``, exact when it applies): networkx's Stoer–Wagner on the
+   positive-cost graph when it is connected and small (``_MIN_CUT_MAX_WORK``); if that cut can be
+   balanced with the free vertices it is the cheapest balanced bisection, since (1) having failed,
+   every balanced bisection cuts that graph somewhere. This certifies a single weak link.
+3. **METIS** (``"metis"``, heuristic): pymetis's multilevel bisection with the costs as integer
+   edge weights (``partition``: ``w = max(1, round(c·s))``, their sum ≤ 2⁵⁰, resolution ``1/s``),
+   the target fraction as ``tpwgts`` and β as ``ufactor``. ``restarts`` runs, seeds ``seed, seed+1,
+   …``, cycle through the target size and the two extreme allowed sizes (the cheapest cut may sit at
+   a bound); a side METIS leaves outside the bound is trimmed; the cheapest run is kept. Each split
+   records METIS's options, the resolution and the trimming (``Bisection.metis``). Not certified.
+   *Fallback* (``"kernighan_lin"``): when pymetis cannot be imported, networkx's Kernighan–Lin from
+   ``restarts`` seeded random starts at the same three sizes, the cheapest kept. Pure Python:
+   minutes beyond ~10⁵ edges. The result says which ran (``ModuleResult.search`` and
+   ``search_meaning``), and the fallback warns.
 
-**Why networkx KL and not Leiden.** Leiden (leidenalg/igraph) optimises modularity or the
-Constant Potts Model: it chooses the number and sizes of communities itself and scores them
-against a null model. The quantity here is a *cut cost* (eq. 35) at a *fixed* number of modules
-under a *balance constraint*, which is exactly what a balanced min-cut bisection minimises;
-Leiden has no way to state either constraint. networkx is pure Python, maintained, and already a
-dependency; its KL and Stoer–Wagner work on the weighted cost graph directly.
+**Why METIS, and why recursive.** The quantity is a *cut cost* (eq. 35) at a *fixed* number of
+modules under a *balance constraint*: a balanced minimum-cut graph partition, which is what METIS
+computes (multilevel coarsening, an initial bisection of the coarse graph, Fiduccia–Mattheyses
+refinement on the way back), in C, in near-linear time in the edges. Leiden (leidenalg/igraph)
+optimises modularity or the Constant Potts Model against a null model and chooses the number and
+sizes of communities itself; it cannot state either constraint. Kernighan–Lin swaps pairs of
+vertices at a fixed size from random starts, in pure Python. More than two modules come from our
+recursive bisection, not from METIS's k-way call (or its own recursive one): β keeps its meaning
+split by split (k-way's ``ufactor`` only caps each module's size), the exact steps (1)–(2) get every
+split, and every split records how it was found. Measured (benchmarks/module_search.py, 13 × 768,
+4.0 M positive edges, eight modules): on a clearly modular graph all three recover the planted
+modules; on a weakly modular one the costs agree within 0.6 % (k-way 0.24 % below ours, METIS's
+recursive call 0.34 % above). k-way is faster (0.4 s against 6 s with 8 METIS runs per split), but
+both are within the budget and only the recursion keeps the meaning above.
 
-**Scale.** networkx is pure Python: fine for thousands of vertices with sparse positive-cost graphs
-(raise ε to prune), slow for a dense graph over GPT-2's 13 × 768 residual directions.
+**Scale.** A SmolLM2/GPT-2-sized graph (13 × 768 directions, 4 M positive-cost edges) is searched
+in seconds on two cores (a bisection 3.8 s, eight modules 6.3 s at load average 4; benchmarks/):
+CSR arrays built with one nonzero scan per node into preallocated arrays, components by label
+propagation, subgraphs and cuts by masks, the costs in single-threaded numpy, METIS in C;
+Stoer–Wagner only on small graphs. The largest arrays are touched as few times as possible: on a
+small shared machine fresh pages cost as much as the arithmetic. Costs reach METIS as integers with a
+resolution near ``1e-8`` nats there, and every reported cost is float64 from the labels. Without
+pymetis the search falls back to networkx and is limited to thousands of vertices with sparse
+positive-cost graphs (raise ε to prune).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +78,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .graph import InteractionGraph
+from .partition import CostGraph, MetisSplit, metis_bisection
 
 DEFAULT_EPS_RTOL = 1e-3
 DEFAULT_BALANCE = 0.2
@@ -61,6 +86,7 @@ DEFAULT_RESTARTS = 8
 # Stoer–Wagner is O(V·E + V² log V) in pure Python: only run it below this V·E
 _MIN_CUT_MAX_WORK = 5_000_000
 _CUT_EDGES_IN_DICT = 20
+_CUT_EDGES_KEPT = 1000  # ModuleResult.cut keeps the most expensive ones; n_cut_edges counts them all
 
 
 @dataclass(frozen=True)
@@ -90,31 +116,102 @@ def cut_scale(graph: InteractionGraph, eps_rtol: float = DEFAULT_EPS_RTOL, eps: 
                     f"ε = eps_rtol × the largest edge ({eps_rtol:g} × {top:.6g}); edges E ≤ ε are free to cut")
 
 
+def _cost_matrix(E: Tensor, eps: float) -> np.ndarray:
+    """``edge_costs`` in numpy (single-threaded: these elementwise passes only lose to thread start-up)."""
+    if eps < 0:
+        raise ValueError(f"eps must be ≥ 0, got {eps}")
+    E_np = E.detach().to(device="cpu", dtype=torch.float64).numpy()
+    positive = E_np > eps
+    scale = eps if eps > 0 else 1e-300  # ε = 0 only arises for an all-zero graph, where nothing is positive
+    out = np.where(positive, E_np, scale)  # keeps 0/0 and log(0) out; only entries with E > ε matter
+    if math.isfinite(float(out.max(initial=0.0)) / scale):
+        np.divide(out, scale, out=out)
+        np.log(out, out=out)
+    else:  # E/ε overflows float64 somewhere (E = 1e10, ε = 1e-300): log E − log ε instead
+        np.log(out, out=out)
+        out -= math.log(scale)
+    out *= 0.5
+    out[~positive] = 0.0
+    return out
+
+
 def edge_costs(E: Float[Tensor, "k_out k_in"], eps: float) -> Float[Tensor, "k_out k_in"]:
-    """``max(0, ½ log(E / ε))`` per edge, float64; exactly 0 where ``E ≤ ε`` (also when ``ε = 0 = E``)."""
-    E = E.detach().to(device="cpu", dtype=torch.float64)
-    positive = E > eps
-    # the where keeps 0/0 and log(0) out of the result; the division only matters where E > eps
-    return torch.where(positive, 0.5 * torch.log(torch.where(positive, E, 1.0) / max(eps, 1e-300)),
-                       torch.zeros((), dtype=torch.float64))
+    """``max(0, ½ log(E / ε))`` per edge, float64; exactly 0 where ``E ≤ ε`` (also when ``ε = 0 = E``).
+
+    Where ``E/ε`` would overflow float64 (``E = 1e10``, ``ε = 1e-300``) ``log E − log ε`` is used.
+    """
+    return torch.from_numpy(_cost_matrix(E, eps))
 
 
-def _labels(graph: InteractionGraph, assignment: Tensor | Sequence[int]) -> Tensor:
-    a = torch.as_tensor(assignment, dtype=torch.long).reshape(-1).cpu()
-    if a.numel() != graph.n_vertices:
-        raise ValueError(f"assignment has {a.numel()} labels, the graph has {graph.n_vertices} vertices")
+def _all_costs(graph: InteractionGraph, eps: float) -> list[np.ndarray]:
+    return [_cost_matrix(E, eps) for E in graph.edges]
+
+
+def cost_csr(graph: InteractionGraph, eps: float) -> CostGraph:
+    """The positive-cost edges of the graph as CSR arrays over all vertices (``partition.CostGraph``)."""
+    return CostGraph.from_pairs(_all_costs(graph, eps))
+
+
+def cost_graph(graph: InteractionGraph, eps: float) -> nx.Graph:
+    """networkx graph on all vertices (``0 … V−1``) with the positive-cost edges, ``weight`` = cost.
+
+    Built edge by edge in Python: for small graphs and inspection; the search uses ``cost_csr``."""
+    return cost_csr(graph, eps).to_networkx()
+
+
+def _labels(graph: InteractionGraph, assignment: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+    if isinstance(assignment, Tensor):
+        assignment = assignment.detach().cpu().numpy()
+    a = np.asarray(assignment, dtype=np.int64).reshape(-1)
+    if a.size != graph.n_vertices:
+        raise ValueError(f"assignment has {a.size} labels, the graph has {graph.n_vertices} vertices")
     return a
+
+
+def _pair_labels(graph: InteractionGraph, a: np.ndarray, l: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of pair ``l``'s input (node l) and output (node l + 1) directions."""
+    off, E = graph.offsets(), graph.edges[l]
+    return a[off[l]:off[l] + E.shape[1]], a[off[l + 1]:off[l + 1] + E.shape[0]]
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A partition's cut: float64 total, how many positive-cost edges, and the most expensive ones."""
+
+    total: float
+    count: int
+    edges: list[CutEdge]
+
+
+def _cut(graph: InteractionGraph, costs: list[np.ndarray], a: np.ndarray, limit: int | None) -> _Cut:
+    """One pass over the pairs. Per pair only the edges at or above its ``limit``-th largest cut cost can be
+    among the ``limit`` most expensive overall (ties included), so only those are gathered and sorted."""
+    total, count = 0.0, 0
+    found: list[list[np.ndarray]] = [[], [], [], [], []]
+    for l, (E, C) in enumerate(zip(graph.edges, costs)):
+        a_in, a_out = _pair_labels(graph, a, l)
+        cut = np.where(a_out[:, None] != a_in[None, :], C, 0.0)
+        total += float(cut.sum())
+        n = int(np.count_nonzero(cut))
+        count += n
+        if n == 0 or limit == 0:
+            continue
+        floor = np.partition(cut.ravel(), cut.size - min(limit, n))[cut.size - min(limit, n)] if limit else 0.0
+        i, j = np.nonzero((cut >= floor) & (cut > 0))
+        E_np = E.detach().to(device="cpu", dtype=torch.float64).numpy()
+        for part, values in zip(found, (np.full_like(i, l), i, j, E_np[i, j], cut[i, j])):
+            part.append(values)
+    if not found[0]:
+        return _Cut(total, count, [])
+    pair, rows, cols, e, c = (np.concatenate(p) for p in found)
+    order = np.lexsort((cols, rows, pair, -c))[:limit]
+    return _Cut(total, count, [CutEdge(int(pair[k]), int(rows[k]), int(cols[k]), float(e[k]), float(c[k]))
+                               for k in order])
 
 
 def cut_cost(graph: InteractionGraph, assignment: Int[Tensor, " v"] | Sequence[int], eps: float) -> float:
     """Total cost of the edges whose endpoints carry different module labels (vertex order of the graph)."""
-    a, off = _labels(graph, assignment), graph.offsets()
-    total = 0.0
-    for l, E in enumerate(graph.edges):
-        a_in = a[off[l]:off[l] + E.shape[1]]
-        a_out = a[off[l + 1]:off[l + 1] + E.shape[0]]
-        total += float(edge_costs(E, eps)[a_out[:, None] != a_in[None, :]].sum())
-    return total
+    return _cut(graph, _all_costs(graph, eps), _labels(graph, assignment), limit=0).total
 
 
 @dataclass(frozen=True)
@@ -128,29 +225,10 @@ class CutEdge:
     cost: float
 
 
-def cut_edges(graph: InteractionGraph, assignment: Int[Tensor, " v"] | Sequence[int], eps: float) -> list[CutEdge]:
-    """Every cut edge with positive cost, most expensive first."""
-    a, off = _labels(graph, assignment), graph.offsets()
-    out = []
-    for l, E in enumerate(graph.edges):
-        a_in = a[off[l]:off[l] + E.shape[1]]
-        a_out = a[off[l + 1]:off[l + 1] + E.shape[0]]
-        costs = edge_costs(E, eps)
-        for i, j in ((a_out[:, None] != a_in[None, :]) & (costs > 0)).nonzero().tolist():
-            out.append(CutEdge(l, i, j, float(E[i, j]), float(costs[i, j])))
-    return sorted(out, key=lambda c: (-c.cost, c.pair, c.i, c.j))
-
-
-def cost_graph(graph: InteractionGraph, eps: float) -> nx.Graph:
-    """networkx graph on all vertices (``0 … V−1``) with the positive-cost edges, ``weight`` = cost."""
-    G = nx.Graph()
-    G.add_nodes_from(range(graph.n_vertices))
-    off = graph.offsets()
-    for l, E in enumerate(graph.edges):
-        costs = edge_costs(E, eps)
-        idx = costs.nonzero().tolist()
-        G.add_weighted_edges_from((off[l] + j, off[l + 1] + i, float(costs[i, j])) for i, j in idx)
-    return G
+def cut_edges(graph: InteractionGraph, assignment: Int[Tensor, " v"] | Sequence[int], eps: float,
+              limit: int | None = None) -> list[CutEdge]:
+    """Every cut edge with positive cost, most expensive first (ties: pair, i, j); the first ``limit`` if given."""
+    return _cut(graph, _all_costs(graph, eps), _labels(graph, assignment), limit).edges
 
 
 @dataclass
@@ -161,8 +239,14 @@ class Bisection:
     sizes: tuple[int, int]
     allowed: tuple[int, int]  # the first side's size bounds
     cost: float
-    method: str  # "components" | "min_cut" | "kernighan_lin" | "trivial"
+    method: str  # "components" | "min_cut" | "metis" | "kernighan_lin"
     certified: bool  # provably the cheapest bisection of this vertex set within the bound
+    metis: MetisSplit | None = None  # METIS's options, the weights' resolution, the trimming (method "metis")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_vertices": self.n_vertices, "sizes": list(self.sizes), "allowed": list(self.allowed),
+                "cost": self.cost, "method": self.method, "certified": self.certified,
+                "metis": None if self.metis is None else self.metis.to_dict()}
 
 
 @dataclass
@@ -179,9 +263,12 @@ class ModuleResult:
     restarts: int
     assignment: list[int]  # module label per vertex (graph vertex order); labels by first appearance
     module_sizes: list[int]
-    cut_cost: float
-    cut: list[CutEdge]  # positive-cost edges cut, most expensive first
+    cut_cost: float  # float64, from the labels (cut_cost)
+    cut: list[CutEdge]  # the most expensive positive-cost edges cut, most expensive first (at most _CUT_EDGES_KEPT)
+    n_cut_edges: int  # all positive-cost edges cut
     n_positive_edges: int  # edges with E > ε (the ones that cost anything to cut)
+    search: str  # the heuristic behind uncertified splits: "metis" | "kernighan_lin" (pymetis missing)
+    search_meaning: str
     bisections: list[Bisection] = field(default_factory=list)
 
     @property
@@ -209,12 +296,11 @@ class ModuleResult:
         out: dict[str, Any] = {
             "basis": self.basis, **self.scale.to_dict(), "n_modules": self.n_modules, "balance": self.balance,
             "seed": self.seed, "restarts": self.restarts, "module_sizes": self.module_sizes,
-            "cut_cost": self.cut_cost, "n_cut_edges": len(self.cut), "n_positive_edges": self.n_positive_edges,
-            "optimal": self.optimal,
+            "cut_cost": self.cut_cost, "n_cut_edges": self.n_cut_edges, "n_positive_edges": self.n_positive_edges,
+            "optimal": self.optimal, "search": self.search, "search_meaning": self.search_meaning,
             "cut_edges": [{"source": self.nodes[c.pair], "target": self.nodes[c.pair + 1], "pair": c.pair,
                            "i": c.i, "j": c.j, "E": c.E, "cost": c.cost} for c in self.cut[:_CUT_EDGES_IN_DICT]],
-            "bisections": [{"n_vertices": b.n_vertices, "sizes": list(b.sizes), "allowed": list(b.allowed),
-                            "cost": b.cost, "method": b.method, "certified": b.certified} for b in self.bisections],
+            "bisections": [b.to_dict() for b in self.bisections],
         }
         if assignment:
             out["modules"] = dict(zip(self.nodes, self.by_node()))
@@ -230,20 +316,20 @@ def _size_bounds(m: int, t: float, balance: float, need_a: int, need_b: int) -> 
     return max(lo, need_a), min(hi, m - need_b)
 
 
-def _pack_components(H: nx.Graph, lo: int, hi: int, target: float) -> set[int] | None:
-    """A first side of size in ``[lo, hi]`` made of whole components plus free vertices, or None.
+def _pack_components(components: np.ndarray, free: np.ndarray, lo: int, hi: int, target: float) -> np.ndarray | None:
+    """A first side (mask) of size in ``[lo, hi]`` made of whole components plus free vertices, or None.
 
     Subset-sum over the sizes of the components that have edges (free vertices fill up to the
     size nearest ``target``); among the feasible packings the one nearest the target is taken.
     """
-    free = sorted(v for v in H if H.degree(v) == 0)
-    comps = sorted((sorted(c) for c in nx.connected_components(H) if len(c) > 1), key=lambda c: (-len(c), c[0]))
-    m, f = H.number_of_nodes(), len(free)
+    m, f = len(components), int(free.sum())
+    roots, sizes = np.unique(components[~free], return_counts=True)  # roots: each component's first vertex
+    order = np.lexsort((roots, -sizes))  # largest first, then by first vertex
+    roots, sizes = roots[order], sizes[order]
     reach = np.zeros(m + 1, dtype=bool)
     reach[0] = True
     first = np.full(m + 1, -1)  # the component whose addition first reached each sum
-    for index, comp in enumerate(comps):
-        s = len(comp)
+    for index, s in enumerate(sizes.tolist()):
         new = np.zeros_like(reach)
         new[s:] = reach[:m + 1 - s] & ~reach[s:]
         first[new] = index
@@ -259,70 +345,111 @@ def _pack_components(H: nx.Graph, lo: int, hi: int, target: float) -> set[int] |
     if best is None:
         return None
     _, sigma, size = best
-    side: set[int] = set()
+    chosen = []
     while sigma > 0:  # walk back through the components that built this sum (each used once)
-        comp = comps[int(first[sigma])]
-        side.update(comp)
-        sigma -= len(comp)
-    side.update(free[:size - len(side)])
+        chosen.append(roots[first[sigma]])
+        sigma -= int(sizes[first[sigma]])
+    side = np.isin(components, chosen) & ~free
+    side[np.flatnonzero(free)[:size - int(side.sum())]] = True
     return side
 
 
-def _min_cut(H: nx.Graph, lo: int, hi: int, target: float) -> set[int] | None:
+def _min_cut(H: CostGraph, components: np.ndarray, free: np.ndarray, lo: int, hi: int,
+             target: float) -> np.ndarray | None:
     """Stoer–Wagner's global minimum cut of the connected positive-cost part, balanced with free vertices."""
-    core = H.subgraph([v for v in H if H.degree(v) > 0])
-    n_core = core.number_of_nodes()
-    if n_core < 2 or not nx.is_connected(core) or n_core * core.number_of_edges() > _MIN_CUT_MAX_WORK:
+    core = np.flatnonzero(~free)
+    n_core = len(core)
+    if n_core < 2 or n_core * H.n_edges > _MIN_CUT_MAX_WORK or len(np.unique(components[core])) > 1:
         return None
-    _, (part, _) = nx.stoer_wagner(core)
-    free = sorted(v for v in H if H.degree(v) == 0)
-    for side in (set(part), set(core) - set(part)):  # either half may be the first side
-        if len(side) <= hi and len(side) + len(free) >= lo:
-            size = min(max(round(target), lo, len(side)), hi, len(side) + len(free))
-            return side | set(free[:size - len(side)])
+    _, (part, _) = nx.stoer_wagner(H.subgraph(core).to_networkx())
+    in_part = np.zeros(n_core, dtype=bool)
+    in_part[list(part)] = True
+    spare = np.flatnonzero(free)
+    for side in (core[in_part], core[~in_part]):  # either half may be the first side
+        if len(side) <= hi and len(side) + len(spare) >= lo:
+            size = min(max(round(target), lo, len(side)), hi, len(side) + len(spare))
+            mask = np.zeros(H.n_vertices, dtype=bool)
+            mask[side] = True
+            mask[spare[:size - len(side)]] = True
+            return mask
     return None
 
 
-def _kernighan_lin(H: nx.Graph, sizes: list[int], restarts: int, rng: np.random.Generator) -> set[int]:
+def _kernighan_lin(H: CostGraph, sizes: list[int], restarts: int, rng: np.random.Generator) -> np.ndarray:
     """The cheapest of ``restarts`` KL runs from random starts, cycling through the given first-side sizes."""
-    nodes = sorted(H)
+    G = H.to_networkx()
+    nodes = list(range(H.n_vertices))
     best: tuple[float, set[int]] | None = None
     for r in range(max(restarts, 1)):
         size = sizes[r % len(sizes)]
         order = rng.permutation(len(nodes))
         start = {nodes[i] for i in order[:size]}
-        p1, p2 = nx.community.kernighan_lin_bisection(H, partition=(start, set(nodes) - start), weight="weight")
+        p1, p2 = nx.community.kernighan_lin_bisection(G, partition=(start, set(nodes) - start), weight="weight")
         side = p2 if len(p2) == size else p1  # KL keeps the start's sizes; find which returned half is ours
-        cost = float(nx.cut_size(H, side, weight="weight"))
+        cost = float(nx.cut_size(G, side, weight="weight"))
         if best is None or cost < best[0]:
             best = (cost, side)
     assert best is not None
-    return best[1]
+    mask = np.zeros(H.n_vertices, dtype=bool)
+    mask[list(best[1])] = True
+    return mask
 
 
-def _bisect(H: nx.Graph, t: float, balance: float, need: tuple[int, int], restarts: int,
-            rng: np.random.Generator) -> tuple[set[int], Bisection]:
-    m = H.number_of_nodes()
+@dataclass(frozen=True)
+class _Search:
+    """What runs when no exact step applies: METIS, or Kernighan–Lin when pymetis cannot be imported."""
+
+    name: str  # "metis" | "kernighan_lin"
+    meaning: str
+    metis: Any  # the pymetis module, or None
+
+
+def _search() -> _Search:
+    """The one place the heuristic is chosen (imported per call, so a missing pymetis is seen at once)."""
+    exact = "connected components (exact), then Stoer–Wagner on small connected graphs (exact)"
+    try:
+        import pymetis
+    except ImportError as error:
+        return _Search("kernighan_lin", f"{exact}, then networkx Kernighan–Lin from seeded random starts: FALLBACK, "
+                       f"pymetis could not be imported ({error}); pure Python, slow beyond ~1e5 edges", None)
+    return _Search("metis", f"{exact}, then METIS multilevel bisection (pymetis {pymetis.version}) on integer-"
+                   "scaled costs, best of `restarts` partitionings; costs recomputed in float64", pymetis)
+
+
+def _bisect(H: CostGraph, t: float, balance: float, need: tuple[int, int], restarts: int, seed: int,
+            rng: np.random.Generator, search: _Search) -> tuple[np.ndarray, Bisection]:
+    m = H.n_vertices
     lo, hi = _size_bounds(m, t, balance, *need)
     if lo > hi:
         raise ValueError(f"cannot split {m} vertices into sides holding {need[0]} and {need[1]} modules")
-    side = _pack_components(H, lo, hi, t * m)
+    components, free = H.components(), H.degree() == 0
+    side = _pack_components(components, free, lo, hi, t * m)
     if side is not None:
-        return side, Bisection(m, (len(side), m - len(side)), (lo, hi), 0.0, "components", True)
-    side = _min_cut(H, lo, hi, t * m)
-    method, certified = "min_cut", True  # a balanced global minimum cut: no heuristic can beat it
-    if side is None:
-        sizes = sorted({min(max(round(t * m), lo), hi), lo, hi}, key=lambda s: abs(s - t * m))
+        n = int(side.sum())
+        return side, Bisection(m, (n, m - n), (lo, hi), 0.0, "components", True)
+    side = _min_cut(H, components, free, lo, hi, t * m)
+    method, certified, record = "min_cut", True, None  # a balanced global minimum cut: no heuristic can beat it
+    # the heuristics start at the target and at the two extreme allowed sizes: the cheapest cut may be either
+    sizes = sorted({min(max(round(t * m), lo), hi), lo, hi}, key=lambda s: abs(s - t * m))
+    if side is None and search.metis is not None:
+        targets = [t, *(s / m for s in sizes[1:])]
+        side, record = metis_bisection(H, targets, lo, hi, seed=seed, runs=restarts, metis=search.metis)
+        method, certified = "metis", False
+    elif side is None:
         side = _kernighan_lin(H, sizes, restarts, rng)
         method, certified = "kernighan_lin", False
-    cost = float(nx.cut_size(H, side, weight="weight"))
-    return side, Bisection(m, (len(side), m - len(side)), (lo, hi), cost, method, certified)
+    n = int(side.sum())
+    return side, Bisection(m, (n, m - n), (lo, hi), H.cut(side), method, certified, record)
 
 
-def _canonical(labels: list[int]) -> list[int]:
+def _canonical(labels: np.ndarray) -> np.ndarray:
     """Relabel modules 0, 1, … in order of their first vertex."""
-    names: dict[int, int] = {}
-    return [names.setdefault(x, len(names)) for x in labels]
+    if not len(labels):
+        return labels
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse]
 
 
 def find_modules(graph: InteractionGraph, eps_rtol: float = DEFAULT_EPS_RTOL, *, eps: float | None = None,
@@ -331,42 +458,48 @@ def find_modules(graph: InteractionGraph, eps_rtol: float = DEFAULT_EPS_RTOL, *,
     """Partition all directions of all nodes into ``n_modules`` modules of least cut cost (module docstring).
 
     ``balance`` is β: each bisection's sides hold ``(t ± β/2)`` of its vertices (``t = ½`` for two
-    modules); β = 0 asks for exactly balanced sides. ``seed`` fixes the KL starts.
+    modules); β = 0 asks for exactly balanced sides. ``seed`` fixes METIS's (or KL's) randomness and
+    ``restarts`` is how many partitionings each uncertified split tries.
     """
     if not 0 <= balance <= 1:
         raise ValueError(f"balance must be in [0, 1], got {balance}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be ≥ 1, got {restarts}")
     V = graph.n_vertices
     if not 1 <= n_modules <= max(V, 1):
         raise ValueError(f"n_modules must be between 1 and the {V} vertices, got {n_modules}")
+    search = _search()
+    if search.metis is None and n_modules > 1:
+        warnings.warn(f"module search: {search.meaning}", RuntimeWarning, stacklevel=2)
     scale = cut_scale(graph, eps_rtol, eps)
-    G = cost_graph(graph, scale.eps)
+    costs = _all_costs(graph, scale.eps)
+    H = CostGraph.from_pairs(costs)
     rng = np.random.default_rng(seed)
-    labels = [0] * V
+    labels = np.zeros(V, dtype=np.int64)
     bisections: list[Bisection] = []
     next_label = 1
 
-    def split(vertices: list[int], label: int, count: int) -> None:
+    def split(sub: CostGraph, vertices: np.ndarray, count: int) -> None:
         nonlocal next_label
-        if count <= 1 or not vertices:
-            return
         a = (count + 1) // 2
-        side, record = _bisect(G.subgraph(vertices), a / count, balance, (a, count - a), restarts, rng)
+        side, record = _bisect(sub, a / count, balance, (a, count - a), restarts, seed, rng, search)
         bisections.append(record)
-        other, next_label = next_label, next_label + 1
-        rest = [v for v in vertices if v not in side]
-        for v in rest:
-            labels[v] = other
-        split(sorted(side), label, a)
-        split(rest, other, count - a)
+        labels[vertices[~side]] = next_label
+        next_label += 1
+        for mask, share in ((side, a), (~side, count - a)):
+            if share > 1:
+                split(sub.subgraph(np.flatnonzero(mask)), vertices[mask], share)
 
-    split(list(range(V)), 0, n_modules)
+    if n_modules > 1 and V:
+        split(H, np.arange(V), n_modules)
     assignment = _canonical(labels)
-    counts = np.bincount(np.asarray(assignment, dtype=np.int64), minlength=n_modules).tolist() if V else []
+    counts = np.bincount(assignment, minlength=n_modules).tolist() if V else []
+    cut = _cut(graph, costs, assignment, _CUT_EDGES_KEPT)
     return ModuleResult(
         basis=graph.basis, nodes=list(graph.nodes), sizes=graph.sizes, scale=scale, n_modules=n_modules,
-        balance=float(balance), seed=seed, restarts=restarts, assignment=assignment, module_sizes=counts,
-        cut_cost=cut_cost(graph, assignment, scale.eps), cut=cut_edges(graph, assignment, scale.eps),
-        n_positive_edges=G.number_of_edges(), bisections=bisections)
+        balance=float(balance), seed=seed, restarts=restarts, assignment=assignment.tolist(), module_sizes=counts,
+        cut_cost=cut.total, cut=cut.edges, n_cut_edges=cut.count,
+        n_positive_edges=H.n_edges, search=search.name, search_meaning=search.meaning, bisections=bisections)
 
 
 @dataclass
