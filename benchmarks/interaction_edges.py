@@ -4,7 +4,8 @@ methods against the reference implementation's loop (issue 9).
 RIB computes an edge matrix with one vector-Jacobian product per output direction *and* output
 position (``d × T`` unbatched passes per pair). Ours (``tl_degeneracy.interactions.edges``):
 - ``forward``: exact, one Jacobian-vector product per input direction (``d`` passes, vmapped),
-  which yields every output direction and position at once;
+  which yields every output direction and position at once (through the block alone: a
+  ``resid_pre → resid_pre`` pair is one block);
 - ``backward``: exact, the same ``d × T`` pull-backs as RIB but vmapped in chunks;
 - ``probes``: 4 Rademacher probes over output positions (``4 d`` vmapped pull-backs), unbiased.
 
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tl_degeneracy.basis import fit_layer
     from tl_degeneracy.interactions.edges import (
         EdgeConfig,
+        capture_nodes,
         pair_edges_backward,
         pair_edges_forward,
+        pair_segment,
     )
 
     cfg = model_config(args.preset, args.layers)
@@ -81,10 +84,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run_forward() -> float:
         start = time.perf_counter()
+        forward = config("forward")
         with torch.no_grad():
-            f_in, _ = graph()
-        pair_edges_forward(model, tokens, {}, source, target, f_in, [layers[1]], [layers[0]], mask, mask,
-                                    config("forward"))
+            captured, calls = capture_nodes(model, tokens, {}, forward)
+            f_in, f_out = captured[source], captured[target]
+            segment, _ = pair_segment(model, tokens, {}, source, target, f_in, f_out, calls.get(0))
+            pair_edges_forward(model, segment, f_in, [layers[1]], [layers[0]], mask, mask, forward, 0, 0)
         return time.perf_counter() - start
 
     def run_backward(method: str) -> float:

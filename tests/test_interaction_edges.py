@@ -272,3 +272,22 @@ def test_ablation_curves_end_points_and_a_manual_reference(tiny_on, tiny_tokens,
     expected = float((z - z_star).square().sum() / tokens.numel())
     i = by_name["pca"].k.index(4)
     assert by_name["pca"].behavioral_loss[i] == pytest.approx(expected, rel=1e-9)
+
+
+def test_ablation_in_chunks_of_rows_equals_whole_batches(tiny, tiny_tokens, tiny_bases):
+    """With a logit budget of one row per forward (and one k per forward), every sum is the one whole
+    batches give: the clean float64 logits are never held for more than a chunk of rows."""
+    from tl_degeneracy.interactions import ablation_curves
+
+    hooks = ["blocks.1.hook_resid_pre"]
+    bases = {name: tiny_bases[name] for name in ("interaction", "pca")}
+    whole = ablation_curves(tiny, tiny_tokens[:6], bases, hooks, batch_size=6, progress=False)
+    per_row = tiny_tokens.shape[1] * tiny.cfg.d_vocab  # float64 logit elements of one row
+    chunked = ablation_curves(tiny, tiny_tokens[:6], bases, hooks, batch_size=6, progress=False, logit_budget=per_row)
+    assert [(c.hook, c.basis, c.k) for c in chunked] == [(c.hook, c.basis, c.k) for c in whole]
+    for a, b in zip(chunked, whole):
+        assert a.meta["n_datapoints"] == b.meta["n_datapoints"] == 72
+        assert a.meta["clean_ce"] == pytest.approx(b.meta["clean_ce"], rel=1e-12)
+        assert a.behavioral_loss == pytest.approx(b.behavioral_loss, rel=1e-12, abs=1e-15)
+        assert a.ce_increase == pytest.approx(b.ce_increase, rel=1e-9, abs=1e-12)
+        assert max(b.behavioral_loss) > 0

@@ -103,6 +103,14 @@ def test_another_model_is_refused(interactions_dir):
     (["interactions", "{out}", "--eps-rtol", "0"], "positive"),
     (["interactions", "{out}", "--edge-probes", "0"], "positive integer"),
     (["analyze", "--interactions", "--edge-tokens", "-3"], "positive integer"),
+    (["interactions", "{out}", "--edge-top-k", "0"], "positive integer"),
+    (["interactions", "{out}", "--edge-mass", "0"], "positive"),
+    (["interactions", "{out}", "--edge-mass", "1.5"], "[0, 1]"),
+    (["interactions", "{out}", "--edge-rest", "some"], "invalid choice"),
+    (["interactions", "{out}", "--edge-rest-probes", "0"], "positive integer"),
+    (["interactions", "{out}", "--edge-bases", "ica"], "invalid choice"),
+    (["interactions", "{out}", "--edge-memory", "0"], "positive"),
+    (["analyze", "--interactions", "--edge-mass", "2"], "[0, 1]"),
 ])
 def test_cli_bad_interaction_input_exits_2(interactions_dir, capsys, argv, message):
     argv = [a.replace("{out}", str(interactions_dir[0])) for a in argv]
@@ -111,7 +119,7 @@ def test_cli_bad_interaction_input_exits_2(interactions_dir, capsys, argv, messa
     assert message in err and "Traceback" not in err
 
 
-def test_cli_analyze_with_interactions_end_to_end(tmp_path):
+def test_cli_analyze_with_interactions_end_to_end(tmp_path, capsys):
     """The embedded model and text, small: analyze --interactions writes everything and the report shows it."""
     out = tmp_path / "run"
     code = main(["analyze", "--tokens", "256", "--context", "32", "--interactions", "--edge-tokens", "64",
@@ -120,6 +128,70 @@ def test_cli_analyze_with_interactions_end_to_end(tmp_path):
     report = AnalysisReport.load(out / "report.json")
     assert report.interactions is not None and report.interactions.edge_run.config["n_probes"] == 1
     assert (out / EDGES_FILE).exists() and (out / "plots" / "lorenz.png").exists()
+    capsys.readouterr()
+    # what a budgeted exact pass would cost, without running it
+    assert main(["interactions", str(out), "--edge-tokens", "64", "--edge-top-k", "8", "--edge-bases", "interaction",
+                 "pca", "--estimate-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "edge pass: 4 layer pairs x 2 bases (interaction, pca)" in printed and "projected" in printed
+    assert "32-32 per pair" in printed  # per basis: 8 kept directions and 8 probes for the rest
+    assert AnalysisReport.load(out / "report.json").interactions.config.top_k is None  # nothing was run
+
+
+@pytest.mark.models
+def test_budgeted_graph_in_two_bases_with_its_estimate(interactions_dir, tmp_path):
+    """top-4 directions per node in the interaction basis and PCA: the estimate is announced first, the
+    section, file and plots carry the rest vertices, and the edges are those of a direct budgeted call."""
+    src, model, tokens, _ = interactions_dir
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    config = InteractionsConfig(max_tokens=48, batch_size=4, eps_rtol_grid=(1e-2,), ablation_tokens=48,
+                                bases=("interaction", "pca"), top_k=4, rest_probes=2)
+    said: list[str] = []
+    section = interactions_analysis(model, tokens, out, config, progress=False, announce=said.append)
+    assert len(said) == 1 and "forward-mode passes" in said[0] and "projected" in said[0]
+    assert "2 layer pairs x 2 bases" in said[0] and "2 of 2 pairs run their block alone" in said[0]
+    graphs = load_graphs(out / EDGES_FILE)
+    assert set(graphs) == {"interaction", "pca"}
+    direct = collect_edges(model, tokens, {name: tld.InteractionBasis.load(out / f) for name, f in
+                                           (("interaction", "basis.safetensors"), ("pca", "pca_basis.safetensors"))},
+                           NODES, exact=True, batch_size=4, max_tokens=48, budget=config.budget(), progress=False)
+    for name, graph in graphs.items():
+        assert graph.rest == direct[name].rest and all(r > 0 for r in graph.rest)
+        assert [len(d) for d in graph.directions] == [4, 4, 4]
+        for a, b in zip(graph.edges, direct[name].edges):
+            assert a.shape == (5, 5)
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for row in section.sparsity:
+        assert (row.k_in, row.k_out, row.n_edges) == (4, 4, 16) and row.rest_in > 0 and 0 < row.rest_share < 1
+    assert {c.basis for c in section.ablation.curves} == {"interaction", "pca", "random"}
+    report = AnalysisReport.load(out / "report.json")
+    assert report.interactions.config == config and report.interactions.sparsity[0].rest_share == \
+        section.sparsity[0].rest_share
+    render(out)
+    assert (out / "plots" / "graph_pca.png").stat().st_size > 5_000
+
+
+def test_cli_options_make_the_interactions_config():
+    import argparse
+
+    from tl_degeneracy.cli.interactions import add_parser, interactions_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["interactions", "DIR", "--edge-top-k", "8", "--edge-mass", "0.99", "--edge-rest", "exact",
+                              "--edge-rest-probes", "3", "--edge-bases", "pca", "interaction", "--edge-memory", "2.5"])
+    config = interactions_config(args)
+    assert (config.top_k, config.mass, config.rest, config.rest_probes) == (8, 0.99, "exact", 3)
+    assert config.bases == ("pca", "interaction") and config.memory_gib == 2.5
+    budget = config.budget()
+    assert budget is not None and (budget.top_k, budget.mass, budget.rest.value) == (8, 0.99, "exact")
+    defaults = interactions_config(parser.parse_args(["interactions", "DIR"]))
+    assert defaults.budget() is None and defaults.bases == ("interaction", "pca", "standard")
+    assert InteractionsConfig.from_dict(config.to_dict()) == config
+    old = {k: v for k, v in defaults.to_dict().items() if k not in ("bases", "top_k", "mass", "rest", "rest_probes",
+                                                                   "memory_gib")}
+    assert InteractionsConfig.from_dict(old) == defaults  # a report from before budgets still loads
 
 
 SCRIPT = """

@@ -79,7 +79,7 @@ def test_bad_llc_values_exit_2_with_one_paragraph(tmp_path, capsys, monkeypatch,
 def test_config_checks_and_defaults():
     config = LLCAnalysisConfig(eps=(1e-2, 1e-4, 1e-3))
     assert config.eps == (1e-4, 1e-3, 1e-2) and config.layer_eps == 1e-3
-    assert (config.n_chains, config.n_draws, config.burn_in, config.max_tokens) == (2, 60, 40, 128)
+    assert (config.n_chains, config.n_draws, config.burn_in, config.max_tokens) == (2, 200, 200, 128)
     with pytest.raises(ValueError, match="gamma"):
         LLCAnalysisConfig(eps=(1e-3,), gamma=0.0)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -50,7 +50,7 @@ def xs(n: int = 32, d: int = 8) -> torch.Tensor:
     return torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-QUICK = dict(gamma=1.0, n_chains=3, n_draws=60, burn_in=20, step_size=0.005, progress=False)
+QUICK = dict(gamma=1.0, n_chains=3, n_draws=60, burn_in=20, step_size=0.005, preconditioner="none", progress=False)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def test_nan_in_one_chain_is_reported_and_the_others_kept():
 def test_every_chain_diverging_is_one_error_naming_step_size_and_gamma():
     with pytest.raises(ValueError, match=r"every chain diverged.*smaller step_size.*larger gamma"):
         estimate_neff(Linear(), xs(), eps=1e-6, gamma=1.0, n_chains=2, n_draws=10, burn_in=0, step_size=1.0,
-                      progress=False)
+                      preconditioner="none", progress=False)
 
 
 def test_nan_at_the_analysed_weights_is_refused():
@@ -277,7 +277,7 @@ def test_cli_llc_command(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: the parameter subset") and "Traceback" not in err and not os.path.exists("bad")
     code = _cli(["llc", "--eps", "1e-2", "1e-1", "--params", "blocks.3.attn.W_V", "--head", "0", "--chains", "2",
-                 "--draws", "20", "--burn-in", "5", "--step-size", "1e-6", "--tokens", "64", "--context", "16",
+                 "--draws", "40", "--burn-in", "40", "--pilot-steps", "20", "--tokens", "64", "--context", "16",
                  "--kfac", "--no-progress", "--out", "run"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -296,5 +296,5 @@ def test_cli_parser_help_lists_options():
     add_parser(parser.add_subparsers())
     text = parser._subparsers._group_actions[0].choices["llc"].format_help()  # type: ignore[union-attr]
     for option in ("--eps", "--gamma", "--params", "--layer", "--head", "--chains", "--draws", "--burn-in",
-                   "--step-size", "--resume", "--kfac"):
+                   "--step-size", "--resume", "--kfac", "--preconditioner", "--pilot-steps", "--pilot-seconds"):
         assert option in text

@@ -74,8 +74,8 @@ def test_devinterp_sgld_agrees_within_standard_errors():
         subset = ParamSubset("unembed.W_U")
         (slot,) = resolve_subset(model, subset)
         ours = estimate_neff(model, tokens, eps=1 / T, params=subset, gamma=GAMMA, step_size=ETA,
-                             integrator="euler", n_chains=CHAINS, n_draws=DRAWS, burn_in=BURN_IN, seed=7,
-                             progress=False).scales[0]
+                             integrator="euler", preconditioner="none", n_chains=CHAINS, n_draws=DRAWS,
+                             burn_in=BURN_IN, seed=7, progress=False).scales[0]
         theirs, theirs_se = devinterp_llc(model, tokens, slot.name)
     finally:
         torch.set_num_threads(before)

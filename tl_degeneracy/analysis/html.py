@@ -237,9 +237,11 @@ def _interactions_html(section: InteractionsSection, figures: dict[str, list[Pat
              *(f"{r.fraction(q):.3f}" for q in (0.5, 0.9, 0.99)), f"{r.gini:.3f}"]
             for r in section.sparsity]
     parts.append("<h3>Sparsity</h3><p class='note'>fraction of edges carrying 50/90/99% of ΣE (smaller is "
-                 "sparser) and the Gini coefficient (larger is sparser).</p>")
+                 "sparser) and the Gini coefficient (larger is sparser). The figure shows the share of ΣE carried by "
+                 "the strongest edges against their fraction on a log axis (the Lorenz curve turned around: a sparse "
+                 "basis reaches 1 far to the left).</p>")
     parts.append(_table(["basis", "layer pair", "edges", "ΣE", "50%", "90%", "99%", "Gini"], rows, left=2))
-    parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("lorenz", [])) + "</div>")
+    parts.append("".join(_img(p, wide=True) for p in figures.get("lorenz", [])))  # full width: legible ticks
     parts.append("<h3>Modules</h3><p class='note'>cut cost Σ max(0, ½ log(E/ε)) of the best balanced partition "
                  f"into {cfg.n_modules} modules (balance {cfg.balance}), against random partitions of the "
                  "same sizes; ε relative to the largest edge, absolute value alongside.</p>")
@@ -248,12 +250,12 @@ def _interactions_html(section: InteractionsSection, figures: dict[str, list[Pat
               f"{r.random.mean:.3g}" if r.random.mean is not None else "–"]
              for name, rs in section.modules.items() for r in rs]
     parts.append(_table(["basis", "ε/max E", "ε", "module sizes", "cut cost", "edges cut", "random mean"], mrows))
-    parts.append('<div class="grid">' + "".join(_img(p) for p in figures.get("interaction_graph", [])) + "</div>")
+    parts.append("".join(_img(p, wide=True) for p in figures.get("interaction_graph", [])))  # full width: legible ticks
     ab = section.ablation
     parts.append(f"<h3>Ablation curves</h3><p class='note'>keep the top-k directions of one node, set the rest to "
                  f"their mean; behavioural loss and cross-entropy increase on {ab.tokens} tokens "
                  f"({html.escape(ab.text)}).</p>")
-    parts.append("".join(_img(p) for p in figures.get("ablation", [])))
+    parts.append("".join(_img(p, wide=True) for p in figures.get("ablation", [])))
     return "\n".join(parts)
 
 

@@ -6,8 +6,11 @@ from typing import Any
 
 from ..collection.stats import RunRecord
 from ..interactions.ablation import AblationCurve
+from ..interactions.graph import DirectionBudget, RestMode
 from ..interactions.modules import DEFAULT_BALANCE
-from ..validation import fraction, optional_positive_int, positive_float, positive_int
+from ..validation import fraction, one_of, optional_positive_int, positive_float, positive_int
+
+EDGE_BASES = ("interaction", "pca", "standard")
 
 # -- the interaction graph ------------------------------------------------------------------------
 
@@ -18,7 +21,10 @@ class InteractionsConfig:
     identity, ``EdgeConfig.to_dict()``, is what its checkpoint must match).
 
     ``eps_rtol_grid``: module-search scales ε relative to the largest edge (the package convention);
-    the plots use ``DEFAULT_EPS_RTOL`` (or the grid's nearest point).
+    the plots use ``DEFAULT_EPS_RTOL`` (or the grid's nearest point). ``bases``: which of
+    ``EDGE_BASES`` the edges and ablation curves are taken in. ``top_k``/``mass``/``rest``/``rest_probes``:
+    the direction budget (``interactions.graph.DirectionBudget``; neither ``top_k`` nor ``mass``: every
+    direction). ``memory_gib``: memory for one vmapped call's pass temporaries (how, not what).
     """
 
     nodes: tuple[str, ...] | None = None  # default: the residual stream nodes the analysis fitted bases at
@@ -30,6 +36,12 @@ class InteractionsConfig:
     balance: float = DEFAULT_BALANCE
     ablation_tokens: int = 1024
     seed: int = 0
+    bases: tuple[str, ...] = EDGE_BASES
+    top_k: int | None = None
+    mass: float | None = None
+    rest: str = RestMode.PROBES.value
+    rest_probes: int = 8
+    memory_gib: float = 1.0
 
     def __post_init__(self) -> None:
         optional_positive_int(self.n_probes, "n_probes")
@@ -40,11 +52,22 @@ class InteractionsConfig:
         for e in self.eps_rtol_grid:
             positive_float(e, "eps_rtol_grid (each ε relative to the largest edge)")
         fraction(self.balance, "balance", open_right=True)
+        if not self.bases or any(b not in EDGE_BASES for b in self.bases) or len(set(self.bases)) != len(self.bases):
+            raise ValueError(f"bases must be distinct names from {list(EDGE_BASES)}, got {list(self.bases)}")
+        object.__setattr__(self, "rest", one_of(self.rest, RestMode, "rest").value)
+        self.budget()  # validates top_k, mass, rest_probes
+        positive_float(self.memory_gib, "memory_gib (GiB for one vmapped call)")
+
+    def budget(self) -> DirectionBudget | None:
+        """The direction budget these options ask for (None: every direction, no rest vertex)."""
+        budget = DirectionBudget(self.top_k, self.mass, RestMode(self.rest), self.rest_probes)
+        return None if budget.keeps_all else budget
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["nodes"] = None if self.nodes is None else list(self.nodes)
         out["eps_rtol_grid"] = list(self.eps_rtol_grid)
+        out["bases"] = list(self.bases)
         return out
 
     @classmethod
@@ -52,12 +75,15 @@ class InteractionsConfig:
         data = dict(data)
         data["nodes"] = None if data.get("nodes") is None else tuple(data["nodes"])
         data["eps_rtol_grid"] = tuple(data["eps_rtol_grid"])
+        if "bases" in data:  # reports from before budgets hold none of the budget's fields: the defaults
+            data["bases"] = tuple(data["bases"])
         return cls(**data)
 
 
 @dataclass
 class SparsityRow:
-    """One layer pair in one basis (``interactions.sparsity.sparsity_table``)."""
+    """One layer pair in one basis (``interactions.sparsity.sparsity_table``): ``k_in``, ``k_out``, ``n_edges``,
+    ``fractions`` and ``gini`` over the kept directions, ``total`` the pair's whole ``ΣE``."""
 
     basis: str
     pair: int
@@ -69,6 +95,9 @@ class SparsityRow:
     total: float
     fractions: dict[str, float]  # {"0.5": …, "0.9": …, "0.99": …}: fraction of edges carrying that share
     gini: float
+    rest_share: float = 0.0  # part of ``total`` on edges touching a rest vertex (fractions and Gini leave them out)
+    rest_in: int = 0  # directions in the input node's rest vertex (0: none)
+    rest_out: int = 0
 
     def fraction(self, q: float) -> float:
         return self.fractions[str(q)]
@@ -125,9 +154,12 @@ class ModuleRow:
     bisections: list[dict[str, Any]]  # how each split was found (method, certified)
     random: RandomCutsSummary
     modules: dict[str, list[int]] | None = None  # module label per direction, per node
+    search: str = "unrecorded"  # which search found the split (METIS, or the Kernighan–Lin fallback)
+    search_meaning: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in _MODULE_FIELDS}
+        out |= {"search": self.search, "search_meaning": self.search_meaning}
         if self.modules is not None:
             out["modules"] = self.modules
         return {**out, "random": self.random.to_dict()}
@@ -135,7 +167,8 @@ class ModuleRow:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModuleRow:
         return cls(**{name: data[name] for name in _MODULE_FIELDS}, random=RandomCutsSummary(**data["random"]),
-                   modules=data.get("modules"))
+                   modules=data.get("modules"), search=data.get("search", "unrecorded"),
+                   search_meaning=data.get("search_meaning", ""))
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 from ..data import whole_rows
 from ..degeneracy.kfac import KfacSpectra, covering
 from ..generations import HookedModel
-from ..llc.config import ParamSubset
-from ..llc.estimate import NeffResult, ScaleEstimate, estimate_neff
+from ..llc.config import ParamSubset, Preconditioning
+from ..llc.estimate import EveryChainDiverged, NeffResult, ScaleEstimate, estimate_neff
 from .files import LLC_FILE, PLOTS_DIR, REPORT_FILE, load_analysis
 from .sections import LLCAnalysisConfig, LLCPart, LLCSection
 
@@ -33,10 +33,11 @@ BOUND_NOTE = (
     "(higher-order terms add to N_eff what a curvature count misses). Sampled parts include biases, LayerNorm and "
     "embeddings; the K-FAC count covers their weight matrices only ('K-FAC covers'). docs/llc.md §4.")
 UNMIXED_NOTE = (
-    "A chain starts at θ* where L_B = 0; a direction of curvature h relaxes in about 1/(η(t·h + γ)) steps, so the "
-    "directions near the cut-off γε need about 1/(ηγ) steps ('steps to relax'). Where every chain drifted (still "
-    "rising), no estimate is given; the mean of the drifted chains is shown as '≥', a lower bound for a quadratic "
-    "L_B. More draws (--llc-draws), a larger ε or a larger γ mix in fewer steps.")
+    "A chain starts at θ* where L_B = 0 and rises. Under the preconditioner P a direction of zero curvature relaxes "
+    "in about 1/(ηγ·λ_max(P)) steps ('steps to relax'; 1/(ηγ) for plain SGLD), and directions whose curvature P "
+    "overestimates take longer still. Where every chain drifted (still rising), or the burn-in is shorter than the "
+    "steps to relax, the mean of the chains is shown as '≥', a lower bound for a quadratic L_B. More steps "
+    "(--llc-burn-in, --llc-draws), a larger ε or a larger γ relax it.")
 
 
 def _part(result: NeffResult, kfac: KfacSpectra, gamma: float) -> LLCPart:
@@ -63,9 +64,16 @@ def llc_analysis(model: HookedModel, data: Any, out: str | Path, config: LLCAnal
     if tokens is None:
         raise ValueError("the data holds no whole row of tokens to sample the behavioural loss on")
 
+    # plain K-FAC reads the analysis' own G and K; EK-FAC collects its own on the sampling tokens (it needs K
+    # at hook_z, which the account does not collect)
+    own = stats if config.preconditioner == Preconditioning.KFAC.value else None
+
     def sample(eps: Sequence[float], subset: ParamSubset | None) -> NeffResult:
-        return estimate_neff(model, tokens, config=config.llc_config(eps), params=subset, context=context,
-                             max_tokens=config.max_tokens, progress=progress)
+        try:
+            return estimate_neff(model, tokens, config=config.llc_config(eps), params=subset, context=context,
+                                 max_tokens=config.max_tokens, progress=progress, statistics=own)
+        except EveryChainDiverged as exc:  # reported as such (no estimate), not an error of the analysis
+            return exc.result
 
     results: dict[str, NeffResult] = {WHOLE: sample(config.eps, None)}
     if config.layers:
@@ -93,16 +101,27 @@ def load_results(out: Path, section: LLCSection) -> dict[str, NeffResult]:
 
 
 def relax_steps(scale: ScaleEstimate, gamma: float) -> float:
-    """Steps for a direction at the cut-off γε to relax, ``1/(ηγ)`` (η: the scale's step size)."""
+    """Steps for a direction of zero curvature to relax: ``1/(ηγ·λ_max(P))`` as the sampler recorded it, or
+    ``1/(ηγ)`` for a result written before preconditioners (η: the scale's step size)."""
+    if scale.relax_steps is not None:
+        return scale.relax_steps
     eta = scale.step_size
     return math.inf if not eta or not math.isfinite(eta) else 1 / (eta * gamma)
 
 
-def unmixed_lower_bound(scale: ScaleEstimate) -> float | None:
-    """Mean of the drifted chains' estimates where no chain was kept (a lower bound, quadratic L_B)."""
-    if scale.kept:
+def relaxed(scale: ScaleEstimate, burn_in: int, gamma: float) -> bool:
+    """Chains kept and a burn-in at least the relaxation time (``relax_steps``)."""
+    return scale.kept > 0 and burn_in >= relax_steps(scale, gamma)
+
+
+def unmixed_lower_bound(scale: ScaleEstimate, burn_in: int | None = None, gamma: float | None = None
+                        ) -> float | None:
+    """Mean of the chains' estimates where none was kept (drifted) or, given ``burn_in`` and ``gamma``, the
+    burn-in is shorter than the relaxation time: a lower bound for a quadratic L_B."""
+    if scale.kept and (burn_in is None or gamma is None or relaxed(scale, burn_in, gamma)):
         return None
-    values = [c.n_eff for c in scale.chains if c.status == "drifted" and math.isfinite(c.n_eff)]
+    status = "ok" if scale.kept else "drifted"
+    values = [c.n_eff for c in scale.chains if c.status == status and math.isfinite(c.n_eff)]
     return sum(values) / len(values) if values else None
 
 
@@ -112,22 +131,25 @@ def table_rows(section: LLCSection) -> list[list[object]]:
     rows: list[list[object]] = []
     for name, part in section.parts.items():
         result = part.result
-        steps = result.config["burn_in"] + result.config["n_draws"]
+        burn_in = int(result.config["burn_in"])
+        steps = burn_in + result.config["n_draws"]
         for scale, k in zip(result.scales, part.kfac):
             n_eff, se = scale.n_eff, scale.standard_error
-            if math.isfinite(n_eff):
+            bound = unmixed_lower_bound(scale, burn_in, gamma)
+            if bound is not None:
+                value = f"≥ {bound:,.4g} (unmixed)"
+            elif math.isfinite(n_eff):
                 value = f"{n_eff:,.4g} ± {se:.2g}" if math.isfinite(se) else f"{n_eff:,.4g}"
             else:
-                bound = unmixed_lower_bound(scale)
-                value = "–" if bound is None else f"≥ {bound:,.4g} (unmixed)"
+                value = "–"
             flagged = len(scale.chains) - scale.kept
             rows.append([name, f"{scale.eps:g}", value, f"{scale.kept}/{len(scale.chains)}",
-                         flagged, f"{relax_steps(scale, gamma):,.3g} / {steps}",
+                         flagged, f"{relax_steps(scale, gamma):,.3g} / {burn_in} + {steps - burn_in}",
                          "–" if k is None else f"{k:,}", f"{part.kfac_nominal:,}", f"{part.nominal:,}"])
     return rows
 
 
-TABLE_HEADER = ["part", "ε", "N_eff ± s.e.", "chains kept", "flagged", "steps to relax / run",
+TABLE_HEADER = ["part", "ε", "N_eff ± s.e.", "chains kept", "flagged", "steps to relax / burn-in + draws",
                 "K-FAC #{g·k > γε}", "K-FAC covers", "nominal"]
 
 
@@ -156,6 +178,7 @@ def summary_lines(section: LLCSection) -> list[str]:
     rows: list[list[object]] = [list(TABLE_HEADER), *table_rows(section)]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(TABLE_HEADER))]
     return [f"N_eff(ε) by SGLD ({section.seconds} s, γ = {cfg.gamma:g}, {cfg.n_chains} chains × "
-            f"{cfg.n_draws} draws, {section.tokens} tokens)"] + [
+            f"{cfg.n_draws} draws after {cfg.burn_in} burn-in steps, {section.tokens} tokens, preconditioner "
+            f"{cfg.preconditioner})"] + [
         "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in rows]

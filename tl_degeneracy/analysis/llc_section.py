@@ -5,9 +5,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..llc.config import LLCConfig
+from ..llc.config import LLCConfig, Preconditioning
 from ..llc.estimate import NeffResult
-from ..validation import positive_int
+from ..validation import one_of, positive_int
 
 # -- the effective parameter count by SGLD ---------------------------------------------------------
 
@@ -16,34 +16,41 @@ from ..validation import positive_int
 class LLCAnalysisConfig:
     """Options of ``analyze --llc`` (recorded in report.json's ``llc.config``).
 
-    The defaults are chosen for speed, not for mixing: 2 chains × 60 draws after 40 burn-in
-    steps on 128 tokens, for the whole model and each layer (five parts for the embedded model:
-    about 1.5–3 minutes on a 2-core CPU, most of it the automatic step size's pilot chain and
-    curvature estimates). That relaxes the stiff directions only; the soft ones near the cut-off
-    γε need about ``1/(ηγ)`` steps (reported; ~10⁵–10⁶ for a whole transformer at ε = 1e-3),
-    so expect drifted chains and '≥' lower bounds — raise ``n_draws`` (or ε, γ) for a mixed estimate.
+    The defaults (2 chains × 200 draws after 200 burn-in steps on 128 tokens, the EK-FAC
+    preconditioner, for the whole model and each layer) take about 2–4 minutes for the embedded
+    model on a 2-core CPU. Chains start at θ* and rise; a part whose chains drifted, or whose
+    burn-in is shorter than the relaxation time a direction of zero curvature needs under the
+    preconditioner (``ScaleEstimate.relax_steps``), is reported as a '≥' lower bound (docs/llc.md §3
+    says which parts relax in this budget). ``preconditioner``, ``pilot_steps``, ``pilot_seconds``:
+    as ``LLCConfig``'s.
     """
 
     eps: tuple[float, ...]
     gamma: float = 100.0
     n_chains: int = 2
-    n_draws: int = 60
-    burn_in: int = 40
+    n_draws: int = 200
+    burn_in: int = 200
     max_tokens: int = 128
     layers: bool = True  # also every layer (ParamSubset(layer=l)) at the middle ε
     seed: int = 0
     step_size: float | None = None  # None: chosen per part and ε (pilot chain + curvature, docs/llc.md §2)
+    preconditioner: str = "ekfac"
+    pilot_steps: int = 60
+    pilot_seconds: float | None = 300.0
 
     def __post_init__(self) -> None:
         eps = (self.eps,) if isinstance(self.eps, (int, float)) else tuple(self.eps)
         object.__setattr__(self, "eps", tuple(sorted(float(e) for e in eps)))
         positive_int(self.max_tokens, "max_tokens")
+        object.__setattr__(self, "preconditioner", Preconditioning(one_of(self.preconditioner, Preconditioning,
+                                                                          "preconditioner")).value)
         self.llc_config()  # every other check (eps, gamma, chains, draws, burn-in) is LLCConfig's
 
     def llc_config(self, eps: Sequence[float] | None = None) -> LLCConfig:
         return LLCConfig(eps=list(self.eps if eps is None else eps), gamma=self.gamma, n_chains=self.n_chains,
-                         n_draws=self.n_draws, burn_in=self.burn_in, seed=self.seed,
-                         step_size=self.step_size)
+                         n_draws=self.n_draws, burn_in=self.burn_in, seed=self.seed, step_size=self.step_size,
+                         preconditioner=self.preconditioner, pilot_steps=self.pilot_steps,
+                         pilot_seconds=self.pilot_seconds)
 
     @property
     def layer_eps(self) -> float:
@@ -52,10 +59,13 @@ class LLCAnalysisConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"eps": list(self.eps), "gamma": self.gamma, "n_chains": self.n_chains, "n_draws": self.n_draws,
                 "burn_in": self.burn_in, "max_tokens": self.max_tokens, "layers": self.layers, "seed": self.seed,
-                "step_size": self.step_size, "layer_eps": self.layer_eps}
+                "step_size": self.step_size, "preconditioner": self.preconditioner, "pilot_steps": self.pilot_steps,
+                "pilot_seconds": self.pilot_seconds, "layer_eps": self.layer_eps}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LLCAnalysisConfig:
+        # a report written before the preconditioner existed sampled plainly
+        data = {"preconditioner": "none", **data}
         return cls(**{k: v for k, v in data.items() if k != "layer_eps"})
 
 

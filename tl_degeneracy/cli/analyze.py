@@ -106,16 +106,20 @@ def add_llc_options(p: argparse.ArgumentParser) -> None:
                    help="localisation γ of the SGLD posterior; curvatures below γε count little (default: %(default)s)")
     g.add_argument("--llc-chains", type=positive_int, default=2, metavar="N",
                    help="SGLD chains per loss scale and part (default: %(default)s)")
-    g.add_argument("--llc-draws", type=positive_int, default=60, metavar="N",
-                   help="recorded SGLD steps per chain after the burn-in; more mix the soft directions "
-                        "(default: %(default)s)")
-    g.add_argument("--llc-burn-in", type=positive_int, default=40, metavar="N",
-                   help="SGLD steps per chain discarded before the draws (default: %(default)s)")
+    g.add_argument("--llc-draws", type=positive_int, default=200, metavar="N",
+                   help="recorded SGLD steps per chain after the burn-in (default: %(default)s)")
+    g.add_argument("--llc-burn-in", type=positive_int, default=200, metavar="N",
+                   help="SGLD steps per chain discarded before the draws; a part whose burn-in is shorter than its "
+                        "relaxation time is reported as a lower bound (default: %(default)s)")
     g.add_argument("--llc-tokens", type=positive_int, default=128, metavar="N",
                    help="tokens of the behavioural loss each SGLD step runs on (default: %(default)s)")
     g.add_argument("--llc-step-size", type=positive_float, default=None, metavar="ETA",
-                   help="SGLD step η for every part and ε (default: chosen per part and ε from the curvature at θ* "
-                        "and along a pilot chain, which costs about 60 steps and 24 Hessian-vector products)")
+                   help="SGLD step η for every part and ε, in the preconditioner's metric (default: chosen per part "
+                        "and ε from the stiffness at θ* and along a pilot chain: about 60 steps and up to 24 "
+                        "Hessian-vector products)")
+    from .llc import add_sampler_options
+
+    add_sampler_options(g, prefix="llc-")
     g.add_argument("--llc-no-layers", action="store_true",
                    help="sample the whole model only, not also each layer at the middle ε (default: off)")
 
@@ -129,7 +133,9 @@ def llc_config(args: argparse.Namespace) -> Any:
     try:
         return LLCAnalysisConfig(eps=tuple(args.llc), gamma=args.llc_gamma, n_chains=args.llc_chains,
                                  n_draws=max(4, args.llc_draws), burn_in=args.llc_burn_in, max_tokens=args.llc_tokens,
-                                 layers=not args.llc_no_layers, step_size=args.llc_step_size)
+                                 layers=not args.llc_no_layers, step_size=args.llc_step_size,
+                                 preconditioner=args.llc_preconditioner, pilot_steps=args.llc_pilot_steps,
+                                 pilot_seconds=args.llc_pilot_seconds)
     except ValueError as exc:
         fail(f"--llc: {paragraph(exc)}")
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .. import validation
 from . import common
 from .common import (
     DTYPES,
@@ -20,6 +21,10 @@ from .common import (
 )
 
 EDGES_CHECKPOINT = "interactions_checkpoint.safetensors"  # as tl_degeneracy.analysis.files names it
+EDGE_BASES = ("interaction", "pca", "standard")  # as tl_degeneracy.analysis.interactions_section names them
+REST_MODES = ("probes", "exact")  # tl_degeneracy.interactions.graph.RestMode
+unit_fraction = common.arg_type(lambda v, what: validation.positive_float(validation.fraction(v, what), what),
+                                float, "a number in (0, 1]")
 
 
 def add_interaction_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +42,25 @@ def add_interaction_options(p: argparse.ArgumentParser) -> None:
                    help="modules to split the graph into (default: %(default)s)")
     g.add_argument("--ablation-tokens", type=positive_int, default=1024, metavar="N",
                    help="held-out tokens for the ablation curves (default: %(default)s)")
+    g.add_argument("--edge-bases", nargs="+", choices=EDGE_BASES, default=list(EDGE_BASES), metavar="BASIS",
+                   help="bases the edges and ablation curves are taken in, from: interaction pca standard "
+                        "(default: all three)")
+    g.add_argument("--edge-top-k", type=positive_int, default=None, metavar="K",
+                   help="keep at most K directions per node (by importance: Λ for the interaction basis, variance "
+                        "for PCA and the model's coordinates); the others share one 'rest' vertex whose edges sum "
+                        "theirs (default: every direction)")
+    g.add_argument("--edge-mass", type=unit_fraction, default=None, metavar="Q",
+                   help="keep the fewest directions per node carrying a share Q of its total importance, e.g. 0.99; "
+                        "with --edge-top-k, the smaller set (default: every direction)")
+    g.add_argument("--edge-rest", choices=REST_MODES, default="probes",
+                   help="edges into a rest vertex: 'probes' (unbiased, --edge-rest-probes passes per pair and "
+                        "basis, with a standard error) or 'exact' (one pass per rest direction) "
+                        "(default: %(default)s)")
+    g.add_argument("--edge-rest-probes", type=positive_int, default=8, metavar="S",
+                   help="Rademacher probes for the rest vertex's edges (default: %(default)s)")
+    g.add_argument("--edge-memory", type=positive_float, default=1.0, metavar="GIB",
+                   help="memory for one vmapped call's pass temporaries, in GiB; larger calls are faster up to a "
+                        "point (default: %(default)s)")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -57,6 +81,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     i.add_argument("--resume", action="store_true",
                    help="continue DIR/interactions_checkpoint.safetensors (default: off)")
     i.add_argument("--keep-checkpoint", action="store_true", help="keep the edge checkpoint (default: off)")
+    i.add_argument("--estimate-only", action="store_true",
+                   help="print what the edge pass would cost (passes, FLOPs, projected time from one timed chunk) "
+                        "and stop (default: off)")
     add_interaction_options(i)
     i.set_defaults(func=run)
     return i
@@ -69,7 +96,9 @@ def interactions_config(args: argparse.Namespace) -> Any:
         batch = {} if args.batch_size is None else {"batch_size": args.batch_size}  # analyze's may be chosen
         return InteractionsConfig(n_probes=args.edge_probes, max_tokens=args.edge_tokens,
                                   eps_rtol_grid=tuple(args.eps_rtol), n_modules=args.modules,
-                                  ablation_tokens=args.ablation_tokens, **batch)
+                                  ablation_tokens=args.ablation_tokens, bases=tuple(dict.fromkeys(args.edge_bases)),
+                                  top_k=args.edge_top_k, mass=args.edge_mass, rest=args.edge_rest,
+                                  rest_probes=args.edge_rest_probes, memory_gib=args.edge_memory, **batch)
     except ValueError as exc:
         fail(paragraph(exc))
 
@@ -79,14 +108,17 @@ def run_interactions(model: Any, data: Any, out: Path, config: Any, *, resume: b
     from ..analysis.interactions import interactions_analysis
     from ..analysis.render import render
 
-    section = interactions_analysis(model, data, out, config, resume=resume, keep_checkpoint=keep_checkpoint)
+    section = interactions_analysis(model, data, out, config, resume=resume, keep_checkpoint=keep_checkpoint,
+                                    announce=lambda text: print(text, flush=True))
     render(out)
     print(f"\ninteraction graph: {len(section.nodes)} nodes, {section.edge_tokens} tokens, "
           f"{section.edge_seconds} s for the edges")
-    print(f"{'basis':12s} {'layer pair':58s} {'edges':>7s} {'99% in':>7s} {'Gini':>6s}")
+    print(f"{'basis':12s} {'layer pair':58s} {'edges':>7s} {'99% in':>7s} {'Gini':>6s} {'rest':>6s}")
     for row in section.sparsity:
         print(f"{row.basis:12s} {row.source + ' -> ' + row.target:58s} {row.n_edges:7d} "
-              f"{row.fraction(0.99):7.3f} {row.gini:6.3f}")
+              f"{row.fraction(0.99):7.3f} {row.gini:6.3f} {row.rest_share:6.3f}")
+    if any(row.rest_in or row.rest_out for row in section.sparsity):
+        print("(edges, 99% and Gini among the kept directions; rest: the share of ΣE on edges of the rest vertices)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
         data = common.load_text_dataset(args.dataset)
         model = common.load_model(args.model, args.dtype, args.device)
         try:
+            if args.estimate_only:
+                from ..analysis.interactions import interactions_estimate
+
+                print(interactions_estimate(model, folder, config).describe())
+                return 0
             run_interactions(model, data, folder, config, resume=args.resume, keep_checkpoint=args.keep_checkpoint)
         except (HubUnavailableError, NonFiniteError, ValueError) as exc:
             fail(paragraph(exc))

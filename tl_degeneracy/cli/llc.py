@@ -2,12 +2,14 @@
 
 Writes ``DIR/llc.json`` (the ``NeffResult``), ``DIR/plots/llc_curve.png`` (against the nominal
 count and, with ``--kfac``, the K-FAC count at curvature ``γ ε``) and ``DIR/plots/llc_traces.png``;
-chains are checkpointed in ``DIR/llc_checkpoint.safetensors`` (``--resume`` continues them).
-Bad input is a ``tl_degeneracy.cli.UsageError``: one paragraph, exit code 2.
+the pilots and chains are checkpointed in ``DIR/llc_checkpoint.safetensors`` (``--resume`` continues
+them). Bad input is a ``tl_degeneracy.cli.UsageError``: one paragraph, exit code 2; so is a run where
+no chain passed the checks at some ε (its results and plots are written first).
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="SGLD step η (default: chosen per ε from the curvature at θ* and along a pilot chain)")
     p.add_argument("--integrator", choices=["leimkuhler_matthews", "euler"], default="leimkuhler_matthews",
                    help="Langevin scheme; euler is devinterp's SGLD (default: %(default)s)")
+    add_sampler_options(p)
     p.add_argument("--loss", choices=["mse", "kl"], default="mse", help="behavioural loss (default: %(default)s)")
     p.add_argument("--output", default="logits", metavar="HOOK",
                    help="'logits' or a hook name whose activation is the output (default: %(default)s)")
@@ -83,13 +86,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+PRECONDITIONERS = ("ekfac", "kfac", "diag", "rmsprop", "none")  # tl_degeneracy.llc.Preconditioning
+DEFAULT_PRECONDITIONER = "ekfac"  # LLCConfig's default (docs/llc.md §2: chosen from measurements)
+
+
+def add_sampler_options(p: Any, prefix: str = "") -> None:
+    """The preconditioner and pilot options (``llc``'s, and ``analyze``'s with ``prefix="llc-"``)."""
+    p.add_argument(f"--{prefix}preconditioner", choices=PRECONDITIONERS, default=DEFAULT_PRECONDITIONER,
+                   help="constant preconditioner P of the Langevin steps, measured once at θ*: ekfac (K-FAC blocks, "
+                        "values at the attention-mixed input, eigenvalues corrected by output probes), kfac (the "
+                        "account's G ⊗ K blocks), diag (Gauss-Newton diagonal), rmsprop (mean squared gradient of "
+                        "the pilot chain, then frozen) or none (default: %(default)s)")
+    p.add_argument(f"--{prefix}pilot-steps", type=nonnegative_int, default=60, metavar="N",
+                   help="steps of the pilot chain that checks the step size (default: %(default)s)")
+    p.add_argument(f"--{prefix}pilot-seconds", type=positive_float, default=300.0, metavar="S",
+                   help="time budget of each ε's pilot (curvature probes, power iterations, pilot chain); when it runs "
+                        "out what was measured is used with a safety factor of 2, and the result says so "
+                        "(default: %(default)s)")
+
+
 def _config(args: argparse.Namespace) -> Any:
     from ..llc.config import LLCConfig, ParamSubset
 
     config = LLCConfig(eps=args.eps, gamma=args.gamma, step_size=args.step_size, n_chains=args.chains,
                        n_draws=max(args.draws, 4), burn_in=args.burn_in, integrator=args.integrator, seed=args.seed,
                        batch_size=args.batch_size, loss=args.loss, output=args.output,
-                       output_positions=[-1] if args.last_position else None)
+                       output_positions=[-1] if args.last_position else None, preconditioner=args.preconditioner,
+                       pilot_steps=args.pilot_steps, pilot_seconds=args.pilot_seconds)
     subset = ParamSubset(names=args.params, layer=args.layer, head=args.head)
     return config, subset
 
@@ -127,24 +150,27 @@ def run(args: argparse.Namespace) -> int:
         fail(paragraph(exc))
     checkpoint = out / CHECKPOINT
     from ..hook_names import UnknownHookError
-    from ..llc.estimate import estimate_neff
+    from ..llc.estimate import EveryChainDiverged, estimate_neff
 
-    with interruptible(checkpoint, created, nothing="before the first chain checkpoint; nothing was written"):
+    with interruptible(checkpoint, created, nothing="before the first checkpoint; nothing was written"):
         data = common.load_text_dataset(args.dataset)
         model: Any = common.load_model(args.model, args.dtype, args.device)
         n_ctx = int(model.cfg.n_ctx)
         context = args.context or min(128, n_ctx)
         if context > n_ctx:
             fail(f"--context {context} is longer than the model's n_ctx={n_ctx}; pass --context {n_ctx} or less.")
+        diverged = None
         try:
             result = estimate_neff(model, data, config=config, params=subset, max_tokens=args.tokens,
                                    context=context, checkpoint=checkpoint, resume=args.resume,
                                    progress=not args.no_progress)
         except UnknownHookError as exc:
             fail(f"--output {args.output!r}: {paragraph(exc)}")
+        except EveryChainDiverged as exc:  # the result is still written, then the error
+            result, diverged = exc.result, exc
         except ValueError as exc:  # checkpoint mismatches too
             fail(paragraph(exc))
-        kfac = kfac_counts(model, data, result, args) if args.kfac else None
+        kfac = kfac_counts(model, data, result, args) if args.kfac and diverged is None else None
         result.save(out / RESULT)
         from ..llc.plots import loss_traces, neff_curve
 
@@ -156,4 +182,24 @@ def run(args: argparse.Namespace) -> int:
         print("K-FAC #{g·k > γε}: " + ", ".join(f"ε={e:g}: {k}" for e, k in zip(result.eps, kfac)))
     print(f"\nwrote {out}/: {RESULT}, plots/llc_curve.png, plots/llc_traces.png")
     print(f"(source: {args.dataset or EMBEDDED_TEXT}, {args.tokens} tokens)")
+    if diverged is not None:
+        fail(f"{paragraph(diverged)} The chains' record is in {out / RESULT}.")
+    empty = [s for s in result.scales if s.kept == 0]
+    if empty:
+        fail(no_estimate_message(empty, out / RESULT, args))
     return 0
+
+
+def no_estimate_message(scales: Any, path: Path, args: argparse.Namespace) -> str:
+    """Why some ε has no estimate (every chain left out), and what to change: one paragraph."""
+    where = ", ".join(f"ε={s.eps:g}" for s in scales)
+    first = scales[0]
+    drifted = sum(c.status == "drifted" for s in scales for c in s.chains)
+    relax = first.relax_steps
+    hint = (f" A direction of zero curvature needs about {relax:,.0f} steps to relax at ε={first.eps:g} "
+            f"(1/(ηγ·λ_max(P)), η = {first.step_size:.3g}); this run had {args.burn_in} burn-in steps."
+            if relax is not None and math.isfinite(relax) else "")
+    return (f"no chain passed the checks at {where}, so there is no N_eff estimate there (the others, and every "
+            f"chain's trace and reason, are in {path}). {drifted} chain(s) were still drifting: the chains had not "
+            f"relaxed to the tempered posterior.{hint} Run more steps (--burn-in, --draws), sample fewer parameters "
+            "(--params, --layer, --head), or a larger ε or --gamma (a larger cut-off γε mixes faster).")

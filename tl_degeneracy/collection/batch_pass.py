@@ -163,9 +163,15 @@ def run_batch(
 
     if plan.jacobians is None:
         cache: dict[str, Tensor] = {}
+        fired: set[str] = set()
 
         def gram_hook(name: str):
             def hook(act: Tensor, hook: Any) -> None:
+                # once per forward: TL 3.x's block calls ln1 three times (query, key and value inputs, the
+                # same tensor unless split), so ln1.hook_normalized fires thrice; its first firing is counted
+                if name in fired:
+                    return
+                fired.add(name)
                 sums.gram((ACTIVATIONS, name), _datapoints(act, masks.select(name)))
 
             return hook

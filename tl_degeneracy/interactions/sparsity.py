@@ -10,6 +10,12 @@ For one edge matrix ``E`` (docs/theory.md §6) with ``n`` entries and total ``Σ
 - ``lorenz_curve(E)``: ``x = i/n`` (fraction of edges, sorted ascending), ``y`` = cumulative
   fraction of ``ΣE``, both starting at 0 and ending at 1.
 
+**Rest vertices** (a ``DirectionBudget``, graph.py) stand for many directions each, so their
+edges are sums of many edges: counted as single edges they would make a graph look sparser than it
+is. ``sparsity_table`` therefore measures fractions and Gini over the kept block (edges between kept
+directions) and reports beside them ``rest_share``, the part of the pair's ``ΣE`` on edges touching
+a rest vertex, and how many directions each rest vertex holds; ``total`` is the whole pair's ``ΣE``.
+
 **All-zero (or empty) matrices** carry no mass, so no edge is needed to carry any fraction of it:
 ``edge_fraction`` returns 0.0, ``gini`` returns 0.0 (nothing is unequal), and the Lorenz curve
 is the diagonal ``y = x``. No NaN is ever returned. Negative or non-finite entries are refused:
@@ -93,11 +99,18 @@ def sparsity_row(E: Float[Tensor, "k_out k_in"], fractions: tuple[float, ...] = 
 
 
 def sparsity_table(graph: InteractionGraph, fractions: tuple[float, ...] = FRACTIONS) -> list[dict[str, Any]]:
-    """One JSON-ready row per layer pair ``l → l+1``: basis, pair index, source and target hooks, sizes,
-    ``n_edges``, ``total`` (``ΣE``), ``fractions`` (``{"0.5": …, "0.9": …, "0.99": …}``, each the fraction
-    of edges carrying that share of ``ΣE``) and ``gini``."""
+    """One JSON-ready row per layer pair ``l → l+1``: basis, pair index, source and target hooks, kept
+    directions ``k_in``/``k_out``, ``n_edges`` (among them), ``fractions`` (``{"0.5": …, "0.9": …, "0.99": …}``,
+    each the fraction of those edges carrying that share of their sum) and ``gini``; ``total`` (the pair's
+    ``ΣE``, rest vertices included), ``rest_share`` (its part on edges touching a rest vertex) and
+    ``rest_in``/``rest_out`` (directions in the input and output rest vertices, 0 for none)."""
     rows = []
     for l, E in enumerate(graph.edges):
+        block = graph.kept_block(l)
+        total = float(_weights(E).sum())
+        rest_share = graph.rest_mass(l) / total if total > 0 else 0.0
         rows.append({"basis": graph.basis, "pair": l, "source": graph.nodes[l], "target": graph.nodes[l + 1],
-                     "k_in": int(E.shape[1]), "k_out": int(E.shape[0]), **sparsity_row(E, fractions)})
+                     "k_in": int(block.shape[1]), "k_out": int(block.shape[0]), **sparsity_row(block, fractions),
+                     "total": total, "rest_share": max(rest_share, 0.0), "rest_in": graph.rest[l],
+                     "rest_out": graph.rest[l + 1]})
     return rows

@@ -43,6 +43,26 @@ class Integrator(str, Enum):
     LEIMKUHLER_MATTHEWS = "leimkuhler_matthews"
 
 
+class Preconditioning(str, Enum):
+    """The sampler's constant preconditioner ``P`` (docs/llc.md §2; built in ``llc/preconditioner.py``).
+
+    Each aims at ``P ≈ (t Ĥ + γ)⁻¹`` with ``Ĥ`` an estimate of the Hessian of ``L_B`` at θ*, so that every
+    direction relaxes in about the same number of steps. ``NONE``: plain SGLD. ``DIAG``: the
+    Gauss–Newton diagonal (output probes). ``KFAC``: ``G ⊗ K`` blocks on the weight matrices the subset
+    holds whole (the degeneracy account's Grams), the diagonal elsewhere. ``RMSPROP``: ``1/(√V + √γ)``
+    with ``V`` the mean squared gradient of ``U`` over the pilot chain, then frozen. ``EKFAC``: the K-FAC
+    blocks refined: value matrices factored at their attention-mixed input and ``hook_z``, and each
+    block's eigenvalues replaced by the Gauss–Newton diagonal in its eigenbasis (EK-FAC). Any constant
+    positive-definite ``P`` samples the same posterior; they differ in how fast it mixes.
+    """
+
+    NONE = "none"
+    DIAG = "diag"
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+    RMSPROP = "rmsprop"
+
+
 @dataclass(frozen=True)
 class LLCConfig:
     """Settings of the SGLD estimate of ``N_eff(ε) = 2 t E_t[L_B]`` (docs/llc.md).
@@ -51,9 +71,19 @@ class LLCConfig:
         eps: loss scale(s) ε; each is sampled at inverse temperature ``t = 1/ε``.
         gamma: localisation γ of ``p_t(θ) ∝ exp(−t L_B(θ) − γ/2 ‖θ − θ*‖²)``: directions whose
             curvature is below ``γ ε`` count little (N_eff's soft cut-off).
-        step_size: SGLD step η, or None to choose it per ε from the curvature seen at θ* and
-            along a pilot chain (``η = step_fraction / (t h_max + γ)``).
-        step_fraction: ``η·a_max`` targeted by the automatic choice (stability needs < 4).
+        step_size: SGLD step η (in the preconditioner's metric: ``θ' = θ − (η/2) P∇U + √η L ξ``), or
+            None to choose it per ε from the stiffness seen at θ* and along a pilot chain
+            (``η = step_fraction / λ_max(Lᵀ(t∇²L_B + γ)L)``; plain SGLD: ``step_fraction / (t h_max + γ)``).
+        step_fraction: ``η·λ_max`` targeted by the automatic choice (stability needs < 4).
+        preconditioner: ``"ekfac"`` (default), ``"kfac"``, ``"diag"``, ``"rmsprop"`` or ``"none"``
+            (``Preconditioning``; docs/llc.md §2 compares them).
+        pilot_steps: steps of the pilot chain run per ε before the chains (RMSprop's ``V`` is its mean
+            squared gradient; the stiffness at its end guards against losses stiffer away from θ*).
+        pilot_seconds: wall-clock budget of each ε's pilot (the curvature estimate counts towards the
+            first); when it runs out, what was measured so far is used with a safety factor of 2 and the
+            record says so. None: no limit. Not part of the run's identity.
+        curvature_probes: output probes for the Gauss–Newton diagonal (and K-FAC's ``K`` when the
+            Grams are collected here).
         n_chains, n_draws, burn_in: chains per ε; recorded draws per chain; steps discarded first.
         integrator: ``"leimkuhler_matthews"`` (default) or ``"euler"`` (devinterp's SGLD).
         seed: chain ``c`` at scale index ``i`` draws from a generator seeded by ``(seed, i, c)``.
@@ -72,6 +102,10 @@ class LLCConfig:
     gamma: float = 100.0
     step_size: float | None = None
     step_fraction: float = 0.5
+    preconditioner: Preconditioning | str = Preconditioning.EKFAC
+    pilot_steps: int = 60
+    pilot_seconds: float | None = 300.0
+    curvature_probes: int = 8
     n_chains: int = 4
     n_draws: int = 400
     burn_in: int = 100
@@ -100,6 +134,12 @@ class LLCConfig:
         if self.step_fraction >= 4:  # type: ignore[operator]
             raise ValueError(f"step_fraction={self.step_fraction} is unstable: Langevin steps need η·a_max < 4; "
                              "pass a value in (0, 2].")
+        put("preconditioner", one_of(self.preconditioner, Preconditioning, "preconditioner"))
+        put("pilot_steps", int_at_least(self.pilot_steps, 0, "pilot_steps"))
+        if self.pilot_seconds is not None:
+            put("pilot_seconds", positive_float(self.pilot_seconds, "pilot_seconds", "It is the wall-clock budget of "
+                                                "each ε's step-size pilot; pass None for no limit."))
+        put("curvature_probes", positive_int(self.curvature_probes, "curvature_probes"))
         put("n_chains", positive_int(self.n_chains, "n_chains"))
         put("n_draws", int_at_least(self.n_draws, 4, "n_draws"))
         put("burn_in", int_at_least(self.burn_in, 0, "burn_in"))
@@ -130,10 +170,17 @@ class LLCConfig:
     def n_steps(self) -> int:
         return self.burn_in + self.n_draws  # type: ignore[operator]
 
+    @property
+    def preconditioning(self) -> Preconditioning:
+        return Preconditioning(self.preconditioner)
+
     def to_dict(self) -> dict[str, Any]:
-        """Everything that changes the draws."""
+        """Everything that changes the draws (``pilot_seconds`` is a wall-clock budget: a resumed run may
+        have another; where it cut a pilot short, the step-size record says so)."""
         return {"eps": list(self.scales), "gamma": self.gamma, "step_size": self.step_size,
-                "step_fraction": self.step_fraction, "n_chains": self.n_chains, "n_draws": self.n_draws,
+                "step_fraction": self.step_fraction, "preconditioner": Preconditioning(self.preconditioner).value,
+                "pilot_steps": self.pilot_steps, "curvature_probes": self.curvature_probes,
+                "n_chains": self.n_chains, "n_draws": self.n_draws,
                 "burn_in": self.burn_in, "integrator": Integrator(self.integrator).value, "seed": self.seed,
                 "batch_size": self.batch_size, "loss": self.behavioral_loss.name, "output": self.output,
                 "output_positions": None if self.output_positions is None

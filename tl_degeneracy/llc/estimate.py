@@ -28,25 +28,28 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..checkpoint import atomic_save_safetensors, check_resumable, rank_path, read_safetensors_metadata
+from ..checkpoint import rank_path
 from ..collection.options import StreamOptions
 from ..collection.stream import rank_and_world
+from . import checkpoints
+from .boundaries import Boundaries
+from .checkpoints import RunState
 from .config import Integrator, LLCConfig, ParamSubset, as_subset
+from .curvature import DiagonalProbes, measure_curvature
+from .pilot import Pilot, PilotState, StepSizeChoice
+from .preconditioner import Factor, IdentityFactor
 from .sampler import (
     Chain,
     ChainCallback,
     ChainStatus,
     DivergenceGuard,
     ProgressBar,
-    StepSizeChoice,
     chain_seed,
-    choose_step_size,
     run_chain,
 )
 from .targets import FunctionTarget, Target, TransformerTarget, resolve_subset
 
-FORMAT = "tl_degeneracy.llc/1"
-META_KEY = "tl_degeneracy.llc"
+FORMAT = "tl_degeneracy.llc/1"  # of a result (NeffResult.to_dict); later fields are additions
 
 
 # -- statistics of one trace -------------------------------------------------------------------
@@ -129,6 +132,8 @@ class ScaleEstimate:
     kept: int
     chains: list[ChainEstimate]
     flags: list[str] = field(default_factory=list)
+    preconditioner: dict[str, Any] | None = None  # the chains' P (kind, what it covers); None: plain SGLD
+    relax_steps: float | None = None  # 1/(η γ λ_max(P)): steps a direction of zero curvature needs to relax
 
     @property
     def lambda_hat(self) -> float:
@@ -148,6 +153,7 @@ class NeffResult:
     seconds: float
     world_size: int = 1
     format: str = FORMAT
+    curvature: dict[str, Any] | None = None  # what the preconditioner was measured from (kind, probes, notes)
 
     @property
     def eps(self) -> list[float]:
@@ -201,7 +207,8 @@ class NeffResult:
     def summary(self) -> str:
         lines = [f"N_eff(ε) of {self.n_params} parameters ({self.subset_text}); γ = {self.config['gamma']:g}, "
                  f"{self.config['n_chains']} chains × {self.config['n_draws']} draws after {self.config['burn_in']} "
-                 f"burn-in steps, {self.config['integrator']}",
+                 f"burn-in steps, {self.config['integrator']}, preconditioner "
+                 f"{self.config.get('preconditioner', 'none')}",
                  f"{'eps':>10} {'N_eff':>10} {'± s.e.':>9} {'spread':>9} {'kept':>5} {'step':>10}  flags"]
         for s in self.scales:
             lines.append(f"{s.eps:10.3g} {s.n_eff:10.4g} {s.standard_error:9.3g} {s.spread:9.3g} "
@@ -241,8 +248,8 @@ def _chain_estimate(chain: Chain, config: LLCConfig) -> ChainEstimate:
                          steps_run=int(chain.step), trace=[float(v) for v in chain.trace])
 
 
-def _scale_estimate(eps: float, step_size: float, choice: StepSizeChoice | None, chains: list[ChainEstimate]
-                    ) -> ScaleEstimate:
+def _scale_estimate(eps: float, gamma: float, step_size: float, choice: StepSizeChoice | None,
+                    factor: Factor | None, chains: list[ChainEstimate]) -> ScaleEstimate:
     kept = [c for c in chains if c.status == ChainStatus.OK.value]
     values = np.array([c.n_eff for c in kept])
     mean = float(values.mean()) if kept else math.nan
@@ -253,11 +260,16 @@ def _scale_estimate(eps: float, step_size: float, choice: StepSizeChoice | None,
     flags = [f"chain {c.chain} {c.status}: {c.reason}" for c in chains if c.status != ChainStatus.OK.value]
     if not kept:
         flags.append("no chain passed the checks: no estimate at this scale")
+    if choice is not None and choice.cut_short:
+        flags.append(f"step size: {choice.cut_short}")
+    relax = None
+    if factor is not None and math.isfinite(step_size) and step_size > 0:
+        relax = 1 / (step_size * gamma * factor.largest())
     return ScaleEstimate(eps=eps, t=1 / eps, step_size=step_size,
                          step_size_choice=None if choice is None else choice.to_dict(), n_eff=mean, spread=spread,
                          se_between=se_between, se_within=se_within,
                          standard_error=max(candidates) if candidates else math.nan, kept=len(kept), chains=chains,
-                         flags=flags)
+                         flags=flags, preconditioner=None if factor is None else factor.describe(), relax_steps=relax)
 
 
 DEFAULT_CHECKPOINT_STEPS = 200  # the sampler's checkpoint_every (StreamOptions), in steps
@@ -265,64 +277,8 @@ STREAM_FIELDS = {f.name for f in dataclasses.fields(StreamOptions)}
 LLC_FIELDS = {f.name for f in dataclasses.fields(LLCConfig)}
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
-
-def _save_checkpoint(path: Path, identity: dict[str, Any], chains: dict[tuple[int, int], Chain],
-                     step_sizes: dict[int, tuple[float, StepSizeChoice | None]]) -> None:
-    tensors: dict[str, Tensor] = {}
-    records = []
-    for (i, c), ch in chains.items():
-        key = f"{i}.{c}"
-        tensors[f"trace.{key}"] = ch.trace
-        record = {"scale": i, "chain": c, "step": ch.step, "status": ch.status.value, "reason": ch.reason}
-        if not ch.done and ch.step > 0:
-            assert ch.position is not None and ch.noise_gen is not None and ch.batch_gen is not None
-            for j, x in enumerate(ch.position):
-                tensors[f"position.{key}.{j}"] = x
-            for j, x in enumerate(ch.noise or []):
-                tensors[f"noise.{key}.{j}"] = x
-            tensors[f"noise_gen.{key}"] = ch.noise_gen.get_state()
-            tensors[f"batch_gen.{key}"] = ch.batch_gen.get_state()
-            record["slots"] = len(ch.position)
-            record["has_noise"] = ch.noise is not None
-        records.append(record)
-    steps = {str(i): {"step_size": eta, "choice": None if choice is None else choice.to_dict()}
-             for i, (eta, choice) in step_sizes.items()}
-    meta = {"format": FORMAT, "identity": identity, "chains": records, "step_sizes": steps}
-    atomic_save_safetensors(tensors, {META_KEY: json.dumps(meta)}, path)
-
-
-def _load_checkpoint(path: Path, identity: dict[str, Any], chains: dict[tuple[int, int], Chain],
-                     step_sizes: dict[int, tuple[float, StepSizeChoice | None]]) -> None:
-    from safetensors.torch import load_file
-
-    meta = read_safetensors_metadata(path, META_KEY)
-    check_resumable(meta["identity"], identity, path)
-    tensors = load_file(str(path))
-    for i, entry in meta["step_sizes"].items():
-        choice = None if entry["choice"] is None else StepSizeChoice(**entry["choice"])
-        step_sizes[int(i)] = (float(entry["step_size"]), choice)
-    for record in meta["chains"]:
-        i, c = record["scale"], record["chain"]
-        if (i, c) not in chains:
-            continue
-        ch = chains[(i, c)]
-        key = f"{i}.{c}"
-        ch.trace = tensors[f"trace.{key}"].to(torch.float64).clone()
-        ch.step = int(record["step"])
-        ch.status = ChainStatus(record["status"])
-        ch.reason = record["reason"]
-        if "slots" in record:
-            ch.position = [tensors[f"position.{key}.{j}"] for j in range(record["slots"])]
-            ch.noise = [tensors[f"noise.{key}.{j}"] for j in range(record["slots"])] if record["has_noise"] else None
-            ch.noise_gen = torch.Generator(device=ch.position[0].device if ch.position else "cpu")
-            ch.noise_gen.set_state(tensors[f"noise_gen.{key}"])
-            ch.batch_gen = torch.Generator()
-            ch.batch_gen.set_state(tensors[f"batch_gen.{key}"])
-
-
 class _Checkpointer(ChainCallback):
-    """Writes the checkpoint whenever a chain ends (mid-chain saves: ``estimate_neff``'s loop)."""
+    """Writes the checkpoint whenever a chain ends (mid-chain saves: ``Boundaries``)."""
 
     def __init__(self, save: Any):
         self.save = save
@@ -331,12 +287,11 @@ class _Checkpointer(ChainCallback):
         self.save()
 
 
-
 STATUS_CODES = {s: k for k, s in enumerate(ChainStatus)}
 
 
 def _gather(chains: dict[tuple[int, int], Chain], mine: list[tuple[int, int]], n_steps: int,
-            step_sizes: dict[int, tuple[float, StepSizeChoice | None]], n_scales: int) -> None:
+            step_sizes: dict[int, tuple[float, StepSizeChoice | None, Factor | None]], n_scales: int) -> None:
     """Every rank ends with every chain's trace, status and step count (sums of disjoint parts)."""
     import torch.distributed as dist
 
@@ -349,7 +304,7 @@ def _gather(chains: dict[tuple[int, int], Chain], mine: list[tuple[int, int]], n
             ch = chains[key]
             traces[k] = torch.nan_to_num(ch.trace, nan=0.0)
             info[k] = torch.tensor([STATUS_CODES[ch.status] + 1, ch.step, 1.0], dtype=torch.float64)
-    for i, (eta, _) in step_sizes.items():
+    for i, (eta, _, _) in step_sizes.items():
         etas[i] = eta
     dist.all_reduce(traces)
     dist.all_reduce(info)
@@ -367,7 +322,7 @@ def _gather(chains: dict[tuple[int, int], Chain], mine: list[tuple[int, int]], n
             ch.reason = f"diverged on another rank after {ch.step} steps (see that rank's log)"
     for i in range(n_scales):
         if i not in step_sizes:
-            step_sizes[i] = (float(etas[i]), None)
+            step_sizes[i] = (float(etas[i]), None, None)
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -407,6 +362,7 @@ def estimate_neff(
     context: int | None = None,
     callbacks: Sequence[ChainCallback] = (),
     options: StreamOptions | None = None,
+    statistics: Any = None,
     **keywords: Any,
 ) -> NeffResult:
     """Sample ``N_eff(ε) = 2 t E_t[L_B]`` at each ε of the sweep (docs/llc.md).
@@ -423,9 +379,13 @@ def estimate_neff(
         config: every sampler option (``LLCConfig``); or pass its fields as keywords
             (``gamma=``, ``n_chains=``, ``n_draws=``, ``burn_in=``, ``step_size=``, ``seed=``, ...).
         callbacks: further ``ChainCallback`` objects (they see every step of every chain).
+        statistics: a ``Stats`` holding ``G`` and ``K`` of the sampled weight matrices, for the K-FAC
+            preconditioner (``analyze --llc`` passes the analysis' own); None: collected on the
+            sampling data when ``preconditioner="kfac"``.
         options: how it runs (``StreamOptions``; or its fields as keywords): ``max_tokens`` of
             sampling data; a ``checkpoint`` path written after every chain and every
-            ``checkpoint_every`` steps (default 200; per rank under ``torch.distributed``),
+            ``checkpoint_every`` units of work (steps, Hessian–vector products, probes; default 200) or
+            ``checkpoint_seconds``, and on Ctrl-C / SIGTERM between units (per rank under ``torch.distributed``),
             ``resume=True`` continuing it and refusing one written by a different run (naming the
             field); ``progress``; ``distributed``: split chains over ranks (None: when initialised),
             every rank returning the full result.
@@ -452,10 +412,12 @@ def estimate_neff(
     start = time.perf_counter()
     rank, world = rank_and_world(run.distributed)
     target = build_target(model, data, config, subset, max_tokens=run.max_tokens, context=context)
+    device = target.slots[0].param.device
     n_params = target.n_params
     limit = config.divergence_factor * (n_params / 2 + 1)
     identity = {"config": config.to_dict(), "subset": subset.to_dict(), "target": target.describe(),
-                "parameters": [s.to_dict() for s in target.slots], "world_size": world}
+                "parameters": [s.to_dict() for s in target.slots], "world_size": world,
+                "statistics": _describe_statistics(statistics)}
     integrator = Integrator(config.integrator)
     chains: dict[tuple[int, int], Chain] = {}
     for i, e in enumerate(config.scales):
@@ -464,59 +426,107 @@ def estimate_neff(
                                    integrator=integrator, n_steps=config.n_steps, burn_in=config.burn_in,
                                    seed=chain_seed(config.seed, i, c))
     mine = [key for k, key in enumerate(chains) if k % world == rank]
-    step_sizes: dict[int, tuple[float, StepSizeChoice | None]] = {}
+    state = RunState(chains, probes=DiagonalProbes(target, chain_seed(config.seed, -1, -1) % (1 << 31)))
     path = None if run.checkpoint is None else rank_path(run.checkpoint, rank, world)
+
+    def pilot_chain(i: int, record: dict[str, Any]) -> Chain:
+        return Chain(scale=i, index=int(record["index"]), t=1 / config.scales[i], gamma=config.gamma,
+                     step_size=float(record["step_size"]), integrator=integrator, n_steps=int(record["n_steps"]),
+                     burn_in=0, seed=int(record["seed"]))
+
     if path is not None and run.resume and path.exists():
-        _load_checkpoint(path, identity, chains, step_sizes)
+        checkpoints.load(path, identity, state, pilot_chain, device)
 
     def save() -> None:
         if path is not None:
-            _save_checkpoint(path, identity, {k: chains[k] for k in mine}, step_sizes)
+            checkpoints.save(path, identity, state, mine)
 
+    kfac_path = None if path is None else path.with_name(path.stem + ".kfac" + path.suffix)
+    step_sizes: dict[int, tuple[float, StepSizeChoice | None, Factor | None]] = {}
     remaining = sum(config.n_steps - chains[k].step for k in mine if not chains[k].done)
     bar = ProgressBar(remaining, enabled=run.progress)
-    guard = DivergenceGuard(limit)
-    saver = _Checkpointer(save)
-    all_callbacks: list[ChainCallback] = [guard, bar, *callbacks, saver]
+    all_callbacks: list[ChainCallback] = [DivergenceGuard(limit), bar, *callbacks, _Checkpointer(save)]
+    boundaries = Boundaries(save if path is not None else None, every=run.checkpoint_every,
+                            seconds=run.checkpoint_seconds)
     try:
-        for key in mine:
-            chain = chains[key]
-            if chain.done:
-                continue
-            i = key[0]
-            if i not in step_sizes:
-                t = 1 / config.scales[i]
-                if config.step_size is not None:
-                    step_sizes[i] = (float(config.step_size), None)
-                else:
-                    choice = choose_step_size(target, t, config.gamma, config.step_fraction, integrator,
-                                              seed=chain_seed(config.seed, i, -1) % (1 << 31), divergence_limit=limit)
-                    step_sizes[i] = (choice.step_size, choice)
-            chain.step_size = step_sizes[i][0]
-            while not chain.done:
-                until = (chain.step // run.checkpoint_every + 1) * run.checkpoint_every if path else None
-                run_chain(target, chain, all_callbacks, until=until)
-                if not chain.done:
+        with boundaries:
+            needed = sorted({key[0] for key in mine if not chains[key].done})
+            if needed and state.curvature is None:
+                assert state.probes is not None
+                options = StreamOptions(checkpoint=kfac_path, resume=run.resume, progress=run.progress,
+                                        distributed=False)
+                state.curvature, state.curvature_seconds = measure_curvature(
+                    target, config, state.probes, boundaries, statistics=statistics, collect_options=options,
+                    progress=run.progress, seconds_before=state.curvature_seconds)
+                save()
+                if kfac_path is not None:
+                    kfac_path.unlink(missing_ok=True)
+            for key in mine:
+                chain = chains[key]
+                if chain.done:
+                    continue
+                i = key[0]
+                if i not in step_sizes:
+                    assert state.curvature is not None
+                    if i not in state.pilots:  # the curvature's time counts towards the first pilot's budget
+                        state.pilots[i] = PilotState(scale=i, seconds=state.curvature_seconds if not state.pilots
+                                                     else 0.0)
+                    pilot = Pilot(target, config, state.curvature, state.pilots[i], 1 / config.scales[i],
+                                  seed=chain_seed(config.seed, i, -1) % (1 << 31), divergence_limit=limit,
+                                  boundaries=boundaries, progress=run.progress)
+                    choice, factor = pilot.run()
+                    step_sizes[i] = (choice.step_size, choice if config.step_size is None or state.pilots[i].steps
+                                     else None, factor)
                     save()
-    finally:  # interrupted: the last checkpoint (a step boundary) stands; a mid-step state is never saved
+                chain.step_size, _, chosen = step_sizes[i]
+                chain.factor = chosen if chosen is not None else IdentityFactor()
+                run_chain(target, chain, all_callbacks, boundaries=boundaries)
+    except KeyboardInterrupt:
+        if boundaries.clean:  # between units: the state is whole, and this checkpoint loses nothing
+            save()
+        raise
+    finally:
         bar.close()
     save()
     if world > 1:
         _gather(chains, mine, config.n_steps, step_sizes, len(config.scales))
     scales = []
     for i, e in enumerate(config.scales):
-        eta, how = step_sizes.get(i, (math.nan, None))
+        eta, how, used = step_sizes.get(i, (math.nan, None, None))
+        if i not in step_sizes and i in state.pilots and state.pilots[i].choice is not None:
+            how = state.pilots[i].choice  # every chain of this scale was done before a resume
+            eta = how.step_size if how is not None else math.nan
         per_chain = [_chain_estimate(chains[(i, c)], config) for c in range(config.n_chains)]
-        scales.append(_scale_estimate(e, eta, how, per_chain))
+        scales.append(_scale_estimate(e, float(config.gamma), eta, how, used, per_chain))
+    curvature = None if state.curvature is None else {k: v for k, v in state.curvature.record().items()
+                                                      if k != "slots"}
+    result = NeffResult(n_params=n_params, parameters=[s.to_dict() for s in target.slots], subset=subset.to_dict(),
+                        config=config.to_dict(), target=target.describe(), scales=scales,
+                        seconds=round(time.perf_counter() - start, 3), world_size=world, curvature=curvature)
     all_diverged = [s for s in scales if all(c.status == ChainStatus.DIVERGED.value for c in s.chains)]
     if all_diverged:
         s = all_diverged[0]
-        raise ValueError(f"every chain diverged at eps={s.eps:g} (step size {s.step_size:.3g}; first: "
-                         f"{s.chains[0].reason}). Pass a smaller step_size (or step_size=None to choose it "
-                         f"automatically), or a larger gamma (was {config.gamma:g}).")
-    return NeffResult(n_params=n_params, parameters=[s.to_dict() for s in target.slots], subset=subset.to_dict(),
-                      config=config.to_dict(), target=target.describe(), scales=scales,
-                      seconds=round(time.perf_counter() - start, 3), world_size=world)
+        raise EveryChainDiverged(
+            f"every chain diverged at eps={s.eps:g} (step size {s.step_size:.3g}; first: {s.chains[0].reason}). "
+            "Pass a smaller step_size (or step_size=None to choose it automatically), or a larger gamma "
+            f"(was {config.gamma:g}).", result)
+    return result
+
+
+class EveryChainDiverged(ValueError):
+    """Every chain at some ε diverged; ``result`` holds the whole run's record (traces, reasons)."""
+
+    def __init__(self, message: str, result: NeffResult):
+        super().__init__(message)
+        self.result = result
+
+
+def _describe_statistics(stats: Any) -> Any:
+    """The identity of the ``Stats`` a K-FAC preconditioner is built from (None: collected here)."""
+    if stats is None:
+        return None
+    run = getattr(stats, "run", None)
+    return {"n_tokens": getattr(stats, "n_tokens", None), "run": None if run is None else run.identity()}
 
 
 def quadratic_neff(eigenvalues: Float[Tensor, " n"], eps: float, gamma: float) -> float:

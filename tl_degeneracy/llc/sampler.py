@@ -1,10 +1,12 @@
 """SGLD chains on ``p_t(θ) ∝ exp(−U(θ))``, ``U = t·L_B(θ) + γ/2 ‖θ − θ*‖²`` (docs/llc.md §2).
 
 One step (η the step size, ξ, ξ' standard normal, ``∇U = t ∇L̂_B + γ (θ − θ*)`` on a
-minibatch drawn uniformly):
+minibatch drawn uniformly, ``P = L Lᵀ`` the chain's constant preconditioner, ``llc/preconditioner.py``):
 
-    EULER:                 θ' = θ − (η/2) ∇U(θ) + √η ξ              (devinterp's SGLD)
-    LEIMKUHLER_MATTHEWS:   θ' = θ − (η/2) ∇U(θ) + √η (ξ + ξ')/2     (ξ' is the next step's ξ)
+    EULER:                 θ' = θ − (η/2) P∇U(θ) + √η L ξ              (devinterp's SGLD when P = I)
+    LEIMKUHLER_MATTHEWS:   θ' = θ − (η/2) P∇U(θ) + √η L (ξ + ξ')/2     (ξ' is the next step's ξ)
+
+that is, plain SGLD in the coordinates ``φ = L⁻¹θ`` (docs/llc.md §2).
 
 The chain's state lives in the model's own parameters while it runs (no copy of the model),
 and θ* is written back when it stops. What happens around the steps — the loss trace,
@@ -17,12 +19,13 @@ import math
 from abc import ABC
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from .boundaries import Boundaries
 from .config import Integrator
+from .preconditioner import Factor, IdentityFactor
 from .targets import Target
 
 
@@ -59,10 +62,12 @@ class Chain:
     reason: str | None = None
     trace: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     position: list[Tensor] | None = None  # the slots' entries between runs (None: at θ*)
-    noise: list[Tensor] | None = None  # ξ of the coming step (Leimkuhler–Matthews)
+    noise: list[Tensor] | None = None  # ξ of the coming step (Leimkuhler–Matthews), in φ
     fresh: list[Tensor] | None = field(default=None, repr=False)  # scratch for the next draw
     noise_gen: torch.Generator | None = None
     batch_gen: torch.Generator | None = None
+    factor: Factor = field(default_factory=IdentityFactor, repr=False)  # L of P = L Lᵀ (not saved: rebuilt)
+    squared_gradients: list[Tensor] | None = None  # Σ (∇U)² over the steps, when kept (RMSprop's pilot)
 
     def __post_init__(self) -> None:
         if self.trace.numel() == 0:
@@ -173,47 +178,78 @@ def _gradient(target: Target, params: list[torch.nn.Parameter], batch: int) -> t
 
 
 def _update(slots: Slots, grads: list[Tensor], chain: Chain, noise_gen: torch.Generator) -> None:
-    """One Langevin update of every slot, in place (see the module docstring).
-
-    Written as ``θ' = lerp(θ, θ*, ηγ/2) − (ηt/2) g + noise``: whole parameters are updated with
-    ``torch._foreach_*`` kernels, no temporaries: three passes for Euler, four for
-    Leimkuhler–Matthews (an SGD step is one such pass), plus one Gaussian draw per parameter.
-    """
-    eta, t, gamma = chain.step_size, chain.t, chain.gamma
-    root = math.sqrt(eta)
+    """One Langevin update of every slot, in place (see the module docstring)."""
     lm = chain.integrator is Integrator.LEIMKUHLER_MATTHEWS
     if chain.fresh is None:  # noise buffers, refilled in place every step (no allocation)
         chain.fresh = [torch.empty_like(c) for c in slots.centers]
     if lm and chain.noise is None:
         chain.noise = [torch.empty_like(c).normal_(generator=noise_gen) for c in slots.centers]
     fresh = [buf.normal_(generator=noise_gen) for buf in chain.fresh]
-    whole = [i for i, s in enumerate(slots.target.slots) if s.index is None and s.param.is_contiguous()]
-    parts = [i for i in range(len(slots.centers)) if i not in set(whole)]
     with torch.no_grad():
-        if whole:
-            xs = [slots.target.slots[i].param.view(-1) for i in whole]
-            # (1 − ηγ/2) θ + (ηγ/2) θ* in one pass over the parameters (was a mul and an add)
-            torch._foreach_lerp_(xs, [slots.centers[i] for i in whole], eta * gamma / 2)
-            torch._foreach_add_(xs, [grads[i].reshape(-1) for i in whole], alpha=-eta * t / 2)
-            if lm:
-                assert chain.noise is not None
-                torch._foreach_add_(xs, [chain.noise[i] for i in whole], alpha=root / 2)
-                torch._foreach_add_(xs, [fresh[i] for i in whole], alpha=root / 2)
-            else:
-                torch._foreach_add_(xs, [fresh[i] for i in whole], alpha=root)
-        for i in parts:
-            slot, center = slots.target.slots[i], slots.centers[i]
-            g = grads[i].reshape(-1) if slot.index is None else grads[i].reshape(-1)[slot.index]
-            x = slot.read()
-            new = x - (eta / 2) * ((x - center) * gamma + t * g)
-            if lm:
-                assert chain.noise is not None
-                new += (root / 2) * (chain.noise[i] + fresh[i])
-            else:
-                new += root * fresh[i]
-            slot.write(new)
+        if isinstance(chain.factor, IdentityFactor) and chain.squared_gradients is None:
+            _plain_update(slots, grads, chain, fresh)
+        else:
+            _preconditioned_update(slots, grads, chain, fresh)
     if lm:  # this step's ξ' is the next step's ξ: swap the buffers
         chain.noise, chain.fresh = fresh, chain.noise
+
+
+def _plain_update(slots: Slots, grads: list[Tensor], chain: Chain, fresh: list[Tensor]) -> None:
+    """``P = I``, written as ``θ' = lerp(θ, θ*, ηγ/2) − (ηt/2) g + noise``: whole parameters are updated
+    with ``torch._foreach_*`` kernels, no temporaries: three passes for Euler, four for
+    Leimkuhler–Matthews (an SGD step is one such pass), plus one Gaussian draw per parameter."""
+    eta, t, gamma = chain.step_size, chain.t, chain.gamma
+    root = math.sqrt(eta)
+    lm = chain.integrator is Integrator.LEIMKUHLER_MATTHEWS
+    whole = [i for i, s in enumerate(slots.target.slots) if s.index is None and s.param.is_contiguous()]
+    parts = [i for i in range(len(slots.centers)) if i not in set(whole)]
+    if whole:
+        xs = [slots.target.slots[i].param.view(-1) for i in whole]
+        # (1 − ηγ/2) θ + (ηγ/2) θ* in one pass over the parameters (was a mul and an add)
+        torch._foreach_lerp_(xs, [slots.centers[i] for i in whole], eta * gamma / 2)
+        torch._foreach_add_(xs, [grads[i].reshape(-1) for i in whole], alpha=-eta * t / 2)
+        if lm:
+            assert chain.noise is not None
+            torch._foreach_add_(xs, [chain.noise[i] for i in whole], alpha=root / 2)
+            torch._foreach_add_(xs, [fresh[i] for i in whole], alpha=root / 2)
+        else:
+            torch._foreach_add_(xs, [fresh[i] for i in whole], alpha=root)
+    for i in parts:
+        slot, center = slots.target.slots[i], slots.centers[i]
+        g = grads[i].reshape(-1) if slot.index is None else grads[i].reshape(-1)[slot.index]
+        x = slot.read()
+        new = x - (eta / 2) * ((x - center) * gamma + t * g)
+        if lm:
+            assert chain.noise is not None
+            new += (root / 2) * (chain.noise[i] + fresh[i])
+        else:
+            new += root * fresh[i]
+        slot.write(new)
+
+
+def _preconditioned_update(slots: Slots, grads: list[Tensor], chain: Chain, fresh: list[Tensor]) -> None:
+    """``θ' = θ + L(−(η/2) Lᵀ∇U + √η ξ̄)``: one ``Lᵀ`` and one ``L`` per step (ξ̄ = ξ, or (ξ + ξ')/2)."""
+    eta, t, gamma = chain.step_size, chain.t, chain.gamma
+    xs = [s.read() for s in slots.target.slots]
+    drift = [(g.reshape(-1) if s.index is None else g.reshape(-1)[s.index]) for s, g in zip(slots.target.slots, grads)]
+    drift = list(torch._foreach_mul(drift, t))
+    torch._foreach_add_(drift, torch._foreach_sub(xs, slots.centers), alpha=gamma)  # ∇U = t g + γ (θ − θ*)
+    if chain.squared_gradients is not None:
+        for total, d in zip(chain.squared_gradients, drift):
+            total.add_(d.to(total.dtype).square())
+    step = chain.factor.upper(drift)
+    torch._foreach_mul_(step, -eta / 2)
+    if chain.integrator is Integrator.LEIMKUHLER_MATTHEWS:
+        assert chain.noise is not None
+        torch._foreach_add_(step, chain.noise, alpha=math.sqrt(eta) / 2)
+        torch._foreach_add_(step, fresh, alpha=math.sqrt(eta) / 2)
+    else:
+        torch._foreach_add_(step, fresh, alpha=math.sqrt(eta))
+    for slot, x, dx in zip(slots.target.slots, xs, chain.factor.lower(step)):
+        if slot.index is None and slot.param.is_contiguous():
+            x.add_(dx)  # x is a view of the parameter
+        else:
+            slot.write(x + dx)
 
 
 def sgld_step(target: Target, params: list[torch.nn.Parameter], slots: Slots, chain: Chain,
@@ -234,11 +270,14 @@ def sgld_step(target: Target, params: list[torch.nn.Parameter], slots: Slots, ch
     chain.step += 1
 
 
-def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, until: int | None = None) -> None:
+def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, until: int | None = None,
+              boundaries: Boundaries | None = None) -> None:
     """Advance ``chain`` to ``until`` steps (default: the end), then write θ* back into the model.
 
     The chain's position, next noise and generators are kept on ``chain``, so a later call
-    (or a restored checkpoint) continues exactly where this one stopped.
+    (or a restored checkpoint) continues exactly where this one stopped. With ``boundaries``, each
+    step is a unit: a checkpoint is written when due, and Ctrl-C / SIGTERM stop the chain between
+    steps with its position kept (``llc/boundaries.py``).
     """
     slots = Slots(target)
     stop_at = chain.n_steps if until is None else min(until, chain.n_steps)
@@ -249,96 +288,24 @@ def run_chain(target: Target, chain: Chain, callbacks: list[ChainCallback], *, u
         slots.load(chain.position)
         with target.grads_for_slots() as params:
             while chain.step < stop_at and not chain.done:
-                sgld_step(target, params, slots, chain, callbacks)
+                if boundaries is None:
+                    sgld_step(target, params, slots, chain, callbacks)
+                    continue
+                with boundaries.unit():
+                    sgld_step(target, params, slots, chain, callbacks)
+                if boundaries.due() and not chain.done:
+                    chain.position = slots.current(chain.position)
+                    boundaries.save()
+                boundaries.check()
         chain.position = slots.current(chain.position)
         if chain.step >= chain.n_steps and not chain.done:
             chain.status = ChainStatus.OK
+    except KeyboardInterrupt:
+        if boundaries is not None and boundaries.clean:  # between steps: keep where the chain is
+            chain.position = slots.current(chain.position)
+        raise
     finally:
         slots.restore()
     if chain.done:
         for cb in callbacks:
             cb.on_chain_end(chain)
-
-
-# -- automatic step size ---------------------------------------------------------------------------
-
-def top_curvature(target: Target, iterations: int = 12, seed: int = 0) -> float:
-    """|largest eigenvalue| of the Hessian of ``L_B`` (slots only) at the model's current
-    parameters, by power iteration on Hessian–vector products over the whole data."""
-    gen = torch.Generator().manual_seed(seed)
-    with target.grads_for_slots() as params:
-        v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in params]
-        masks = []
-        for slot, p in zip(target.slots, params):
-            m = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            m[slot.index if slot.index is not None else slice(None)] = 1
-            masks.append(m.reshape(p.shape))
-        v = [x * m for x, m in zip(v, masks)]
-        value = 0.0
-        for _ in range(iterations):
-            norm = math.sqrt(sum(float(x.double().square().sum()) for x in v)) or 1.0
-            v = [x / norm for x in v]
-            hv = [torch.zeros_like(p) for p in params]
-            for b in range(target.n_batches):
-                loss = target.loss(b) / target.n_batches
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                pairs = [(g, x) for g, x in zip(grads, v) if g is not None]
-                if not pairs:
-                    return 0.0
-                dot = sum((g * x).sum() for g, x in pairs)
-                assert isinstance(dot, Tensor)
-                if not dot.requires_grad:  # linear in the slots: no curvature
-                    return 0.0
-                parts = torch.autograd.grad(dot, params, allow_unused=True)
-                hv = [h + (torch.zeros_like(p) if g is None else g.detach()) for h, g, p in zip(hv, parts, params)]
-            hv = [h * m for h, m in zip(hv, masks)]
-            value = math.sqrt(sum(float(h.double().square().sum()) for h in hv))
-            if not math.isfinite(value) or value == 0.0:
-                return 0.0 if value == 0.0 else math.inf
-            v = hv
-    return value
-
-
-@dataclass
-class StepSizeChoice:
-    step_size: float
-    curvature_at_optimum: float
-    curvature_on_chain: float
-    rounds: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step_size": self.step_size, "curvature_at_optimum": self.curvature_at_optimum,
-                "curvature_on_chain": self.curvature_on_chain, "rounds": self.rounds}
-
-
-def choose_step_size(target: Target, t: float, gamma: float, fraction: float, integrator: Integrator, seed: int,
-                     divergence_limit: float, pilot_steps: int = 60, max_rounds: int = 10) -> StepSizeChoice:
-    """``η = fraction / (t·h + γ)`` with ``h`` the largest Hessian eigenvalue of ``L_B`` seen at θ*
-    and at the end of a pilot chain; a pilot that diverges divides η by 10 and runs again.
-
-    On a quadratic ``L_B`` this puts the stiffest direction at ``η a_max = fraction`` (stable
-    below 4; the Leimkuhler–Matthews scheme is then exact); singular losses, flat at θ*,
-    are stiffer away from it, which the pilot chain sees.
-    """
-    h0 = top_curvature(target, seed=seed)
-    eta = fraction / (t * h0 + gamma)
-    h1 = 0.0
-    for rounds in range(1, max_rounds + 1):
-        pilot = Chain(scale=-1, index=rounds, t=t, gamma=gamma, step_size=eta, integrator=integrator,
-                      n_steps=pilot_steps, burn_in=0, seed=seed + rounds)
-        run_chain(target, pilot, [DivergenceGuard(divergence_limit)])
-        if pilot.status is ChainStatus.DIVERGED:
-            eta /= 10
-            continue
-        slots = Slots(target)
-        try:
-            slots.load(pilot.position)
-            h1 = top_curvature(target, seed=seed + rounds)
-        finally:
-            slots.restore()
-        proposal = fraction / (t * max(h0, h1) + gamma)
-        if proposal >= eta / 2:
-            return StepSizeChoice(min(eta, proposal), h0, h1, rounds)
-        eta = proposal
-    raise ValueError(f"could not find a stable step size at t = {t:.3g} in {max_rounds} rounds (last tried "
-                     f"{eta:.3g}); pass step_size= explicitly, or a larger gamma")

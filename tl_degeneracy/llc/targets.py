@@ -24,7 +24,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,7 +49,9 @@ class ParamSlot:
     name: str  # the parameter's name in the model
     label: str  # what the user selected (TransformerLens names, head slices)
     param: torch.nn.Parameter
-    index: Int[Tensor, " k"] | None = None
+    index: Int[Tensor, " k"] | None = None  # sorted flat indices into the parameter
+    layout: dict[str, Tensor] = field(default_factory=dict, repr=False)  # TL name → the parameter's flat
+    # indices, shaped like that TL tensor (how K-FAC finds a weight matrix's entries)
 
     @property
     def numel(self) -> int:
@@ -73,63 +75,126 @@ class ParamSlot:
 
 # -- parameter names ---------------------------------------------------------------------------
 
+GQA_ALIASES = {"attn._W_K": "attn.W_K", "attn._W_V": "attn.W_V", "attn._b_K": "attn.b_K", "attn._b_V": "attn.b_V"}
+
+
 def _module_parameters(model: torch.nn.Module) -> dict[str, tuple[str, Tensor | None]]:
-    """``{name: (parameter name, None)}``: a module's own names, every entry (identity map)."""
-    return {name: (name, None) for name, _ in model.named_parameters()}
+    """``{name: (parameter name, None)}``: a module's own names, every entry (identity map). TL 3's
+    grouped-query ``attn._W_K`` (one slice per key/value head) is named ``attn.W_K``, as the bridge names it."""
+    out: dict[str, tuple[str, Tensor | None]] = {}
+    for name, _ in model.named_parameters():
+        alias = next((name[:-len(k)] + v for k, v in GQA_ALIASES.items() if name.endswith(k)), name)
+        out[alias] = (name, None)
+    return out
+
+
+def _view_index(view: Tensor, param: Tensor) -> Tensor | None:
+    """Flat indices into ``param`` of a tensor that is a view of its storage (None when it is not one)."""
+    if view.numel() == 0 or not param.is_contiguous() or view.dtype != param.dtype:
+        return None
+    if view.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
+        return None
+    index = torch.full(tuple(view.shape), int(view.storage_offset() - param.storage_offset()), dtype=torch.long)
+    for axis, (size, stride) in enumerate(zip(view.shape, view.stride())):
+        shape = [1] * view.dim()
+        shape[axis] = size
+        index = index + (torch.arange(size) * stride).reshape(shape)
+    if int(index.min()) < 0 or int(index.max()) >= param.numel():
+        return None
+    return index
+
+
+def _unique_heads(index: Tensor) -> Tensor | None:
+    """``index`` with repeated leading slices removed (grouped-query attention: the bridge's ``W_K`` repeats
+    each key/value head for the query heads that share it); None when entries repeat in any other way."""
+    if index.unique().numel() == index.numel():
+        return index
+    if index.dim() < 2:
+        return None
+    heads = [h for h in range(index.shape[0]) if h == 0 or not torch.equal(index[h], index[h - 1])]
+    reduced = index[heads]
+    if reduced.unique().numel() != reduced.numel() or index.shape[0] % len(heads):
+        return None
+    group = index.shape[0] // len(heads)
+    if not torch.equal(reduced.repeat_interleave(group, dim=0), index):
+        return None
+    return reduced
 
 
 def _bridge_parameters(model: Any, keep: Callable[[str], bool]) -> dict[str, tuple[str, Tensor | None]]:
     """TransformerLens names of a ``TransformerBridge`` → (its parameter, flat index per entry).
 
-    Each parameter is filled with codes (its number, then its flat index, in base-256 digits:
-    exact in every float dtype), ``tl_named_parameters()`` is read back (as uint8, and only the
-    names ``keep`` accepts), and θ* is restored. A TL tensor that is not a re-arrangement of one
-    parameter's entries is left out.
+    A TL tensor that is a view of a parameter's storage is read off its strides. The others (the
+    grouped-query ``W_K``/``W_V``, computed on every call) are found by writing codes into the
+    parameters (number + 1, then the flat index, in base-256 digits: exact in every float dtype; zero
+    stays "no parameter"), reading ``tl_named_parameters()`` back and restoring θ*; the index digits are
+    written only into the parameters those tensors came from. A TL tensor that is not a re-arrangement
+    of one parameter's entries (up to repeated key/value heads) is left out.
     """
     named = list(model.named_parameters())
-    saved = [p.detach().clone() for _, p in named]
-    digits = max(1, math.ceil(math.log(max(p.numel() for _, p in named) + 1, 256)))
-    codes_of: list[Callable[[int, Tensor], Tensor]] = [lambda i, p: torch.full_like(p, float(i % 256))]
-    if len(named) > 256:  # the parameter number needs a second digit
-        codes_of.append(lambda i, p: torch.full_like(p, float(i // 256)))
-    def digit(d: int) -> Callable[[int, Tensor], Tensor]:
-        return lambda i, p: (torch.arange(p.numel(), device=p.device) // 256 ** d % 256).reshape(p.shape).to(p.dtype)
+    tl = {k: v for k, v in model.tl_named_parameters() if keep(k)}
+    out: dict[str, tuple[str, Tensor | None]] = {}
+    rest = []
+    by_storage = {p.untyped_storage().data_ptr(): (name, p) for name, p in named}
+    for key, view in tl.items():
+        hit = by_storage.get(view.untyped_storage().data_ptr()) if view.numel() else None
+        index = None if hit is None else _view_index(view.detach(), hit[1])
+        if hit is not None and index is not None:
+            out[key] = (hit[0], index)
+        else:
+            rest.append(key)
+    if not rest:
+        return out
 
-    codes_of += [digit(d) for d in range(digits)]
-    reads: list[dict[str, Tensor]] = []
+    def read() -> dict[str, Tensor]:
+        values = dict(model.tl_named_parameters())
+        return {k: values[k].detach().round().to(torch.int64) for k in rest}
+
+    saved = [p.detach().clone() for _, p in named]
     try:
         with torch.no_grad():
-            for code in codes_of:
-                for i, (_, p) in enumerate(named):
-                    p.copy_(code(i, p))
-                reads.append({k: v.detach().round().to(torch.uint8) for k, v in model.tl_named_parameters()
-                              if keep(k)})
+            for i, (_, p) in enumerate(named):  # first the parameter number + 1, in two base-256 digits
+                p.fill_(float((i + 1) % 256))
+            low = read()
+            for i, (_, p) in enumerate(named):
+                p.fill_(float((i + 1) // 256))
+            high = read()
+            numbers = {k: low[k] + 256 * high[k] - 1 for k in rest}
+            firsts = {k: int(v.reshape(-1)[0]) for k, v in numbers.items() if v.numel()}
+            involved = {i for k, i in firsts.items() if bool((numbers[k] == i).all()) and 0 <= i < len(named)}
+            size = max([named[i][1].numel() for i in involved], default=1)
+            digits = max(1, math.ceil(math.log(size + 1, 256)))
+            index_digits = []
+            for d in range(digits):
+                for i in involved:
+                    p = named[i][1]
+                    p.copy_((torch.arange(p.numel(), device=p.device) // 256 ** d % 256).reshape(p.shape).to(p.dtype))
+                index_digits.append(read())
     finally:
         with torch.no_grad():
             for (_, p), value in zip(named, saved):
                 p.copy_(value)
-    high = reads.pop(1) if len(named) > 256 else None
-    out: dict[str, tuple[str, Tensor | None]] = {}
-    for key, low in reads[0].items():
-        which = low.long() + (0 if high is None else 256 * high[key].long())
-        if which.numel() == 0 or not bool((which == which.reshape(-1)[0]).all()):
+    for key in rest:
+        which = numbers[key]
+        number = int(which.reshape(-1)[0]) if which.numel() else -1
+        if number not in involved or not bool((which == number).all()):
             continue
-        number = int(which.reshape(-1)[0])
-        if not 0 <= number < len(named):
-            continue
-        index = sum(reads[d + 1][key].long() * 256 ** d for d in range(digits))
-        assert isinstance(index, Tensor)
         name, p = named[number]
-        if int(index.min()) < 0 or int(index.max()) >= p.numel() or index.unique().numel() != index.numel():
+        index = sum(index_digits[d][key] * 256 ** d for d in range(digits))
+        assert isinstance(index, Tensor)
+        if int(index.min()) < 0 or int(index.max()) >= p.numel():
             continue
-        out[key] = (name, index)
+        reduced = _unique_heads(index)
+        if reduced is not None:
+            out[key] = (name, reduced)
     return out
 
 
 def parameter_map(model: torch.nn.Module, keep: Callable[[str], bool] | None = None
                   ) -> dict[str, tuple[str, Tensor | None]]:
     """The names users select by → (the model's parameter name, flat indices shaped like the TL
-    tensor; None for the identity), for the names ``keep`` accepts (default: all)."""
+    tensor; None for the identity), for the names ``keep`` accepts (default: all). Grouped-query
+    ``W_K``/``W_V`` (and their biases) have one slice per key/value head on both generations."""
     keep = keep or (lambda name: True)
     if hasattr(model, "tl_named_parameters"):  # TransformerBridge: its own names are the HF module tree's
         return _bridge_parameters(model, keep)
@@ -139,7 +204,7 @@ def parameter_map(model: torch.nn.Module, keep: Callable[[str], bool] | None = N
 def _all_names(model: Any) -> list[str]:
     if hasattr(model, "tl_named_parameters"):
         return [k for k, _ in model.tl_named_parameters()]
-    return [k for k, _ in model.named_parameters()]
+    return list(_module_parameters(model))
 
 
 def resolve_subset(model: torch.nn.Module, subset: ParamSubset) -> list[ParamSlot]:
@@ -156,10 +221,12 @@ def resolve_subset(model: torch.nn.Module, subset: ParamSubset) -> list[ParamSlo
                          "'blocks.1.*', 'unembed.W_U'), a layer that exists, or omit the subset for every parameter.")
     indices: dict[str, list[Tensor]] = {}
     labels: dict[str, list[str]] = {}
+    layouts: dict[str, dict[str, Tensor]] = {}
     for name in chosen:
         pname, index = mapping[name]
         p = params[pname]
         full = torch.arange(p.numel(), device=p.device).reshape(p.shape) if index is None else index.to(p.device)
+        layouts.setdefault(pname, {})[name] = full
         label = name
         if subset.head is not None:
             if not name.endswith(HEAD_TENSORS):
@@ -179,7 +246,8 @@ def resolve_subset(model: torch.nn.Module, subset: ParamSubset) -> list[ParamSlo
         if not p.is_floating_point():
             continue
         index = torch.cat(parts).unique()
-        slots.append(ParamSlot(pname, "+".join(labels[pname]), p, None if index.numel() == p.numel() else index))
+        slots.append(ParamSlot(pname, "+".join(labels[pname]), p, None if index.numel() == p.numel() else index,
+                               layouts[pname]))
     return slots
 
 
