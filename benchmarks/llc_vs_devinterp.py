@@ -9,7 +9,13 @@ temperature, localisation, chains, burn-in and draws, full-batch.
                     nbeta=t, localization=γ)`` and an ``evaluate`` computing the same ``L_B``
                     against the cached ``z*`` (it deep-copies the model per chain)
 
-Both estimates (``λ̂ = t · mean draw loss``) are printed with their standard errors. devinterp is
+Side by side with RMSprop preconditioning (``--rmsprop``): ours, ``preconditioner="rmsprop"`` (``V`` the
+mean squared gradient of the pilot chain, then frozen: a constant ``P``, so the tempered posterior is
+exact; docs/llc.md §2) against devinterp's ``SGMCMC.rmsprop_sgld`` (``V`` an exponential moving average
+updated every step, no correction term for the moving ``P``), at our chosen η and devinterp's RMSprop
+``eps`` set to our ``√γ`` floor so the two preconditioners start alike.
+
+All estimates (``λ̂ = t · mean draw loss``) are printed with their standard errors. devinterp is
 a test-only dependency: ``pip install --no-deps devinterp``.
 
     python benchmarks/llc_vs_devinterp.py --quick       # 2-layer small model, seconds
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--step-size", type=float, default=None, help="default: 0.5 / (t·h_max + γ) at θ*")
     parser.add_argument("--t", type=float, default=10.0, help="inverse temperature t = 1/ε")
     parser.add_argument("--gamma", type=float, default=100.0)
+    parser.add_argument("--rmsprop", action="store_true", help="also ours with preconditioner='rmsprop' vs devinterp's "
+                        "rmsprop_sgld")
     args = finish_args(parser.parse_args(argv))
     try:
         from devinterp.optim import SGMCMC
@@ -58,9 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ImportError:
         raise SystemExit("devinterp is not installed: pip install --no-deps devinterp") from None
 
-    from tl_degeneracy.llc import LLCConfig, ParamSubset, estimate_neff, resolve_subset
-    from tl_degeneracy.llc.estimate import build_target, mean_and_se
-    from tl_degeneracy.llc.sampler import top_curvature
+    from tl_degeneracy.llc import ParamSubset, estimate_neff, resolve_subset
+    from tl_degeneracy.llc.estimate import mean_and_se
 
     cfg = model_config(args.preset, args.layers)
     model = build_model(args.preset, args.layers, seed=args.seed)
@@ -68,17 +75,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens = random_tokens(args.batch_size, args.context, cfg["d_vocab"], seed=args.seed)
     subset = ParamSubset(args.params)
     slots = resolve_subset(model, subset)
-    if args.step_size is None:
-        target = build_target(model, tokens, LLCConfig(eps=1 / args.t, gamma=args.gamma), subset)
-        args.step_size = 0.5 / (args.t * top_curvature(target) + args.gamma)
+    if args.step_size is None:  # the automatic plain-SGLD choice, 0.5/(t h_max + γ) with the pilot's check
+        args.step_size = estimate_neff(model, tokens, eps=1 / args.t, params=subset, gamma=args.gamma,
+                                       preconditioner="none", n_chains=1, n_draws=4, burn_in=0,
+                                       progress=False).scales[0].step_size
     print(f"subset {args.params} ({sum(s.numel for s in slots)} parameters), tokens [{args.batch_size}, "
           f"{args.context}], t = {args.t:g}, γ = {args.gamma:g}, η = {args.step_size:.3g}, {args.chains} chains × "
           f"({args.burn_in} burn-in + {args.draws} draws)")
 
     start = time.perf_counter()
     ours = estimate_neff(model, tokens, eps=1 / args.t, params=subset, gamma=args.gamma, step_size=args.step_size,
-                         integrator="euler", n_chains=args.chains, n_draws=args.draws, burn_in=args.burn_in,
-                         progress=False).scales[0]
+                         integrator="euler", preconditioner="none", n_chains=args.chains, n_draws=args.draws,
+                         burn_in=args.burn_in, progress=False).scales[0]
     ours_s = time.perf_counter() - start
 
     with torch.no_grad():
@@ -95,24 +103,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return {"input_ids": tokens[i]}
 
-    draws: dict[int, list[float]] = {}
+    def devinterp_run(method: Any, kwargs: dict[str, Any]) -> tuple[float, float, float]:
+        draws: dict[int, list[float]] = {}
 
-    def record(loss: torch.Tensor, draw: int, chain: int, model: Any, optimizer: Any) -> None:
-        draws.setdefault(chain, []).append(float(loss))
+        def record(loss: torch.Tensor, draw: int, chain: int, model: Any, optimizer: Any) -> None:
+            draws.setdefault(chain, []).append(float(loss))
 
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for c in range(args.chains):
-            sample_single_chain(model, Rows(), evaluate, {s.name: None for s in slots}, num_draws=args.draws,
-                                num_burnin_steps=args.burn_in, sampling_method=SGMCMC.sgld,
-                                sampling_method_kwargs=dict(lr=args.step_size, nbeta=args.t,
-                                                            localization=args.gamma),
-                                chain=c, seed=100 + c, batch_size=tokens.shape[0], shuffle=False, callbacks=[record])
-    theirs_s = time.perf_counter() - start
-    per_chain = [mean_and_se(np.array(d)) for d in draws.values()]
-    theirs = float(np.mean([args.t * m for m, _ in per_chain]))
-    theirs_se = args.t * math.sqrt(sum(s ** 2 for _, s in per_chain)) / len(per_chain)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for c in range(args.chains):
+                sample_single_chain(model, Rows(), evaluate, {s.name: None for s in slots}, num_draws=args.draws,
+                                    num_burnin_steps=args.burn_in, sampling_method=method,
+                                    sampling_method_kwargs=kwargs, chain=c, seed=100 + c,
+                                    batch_size=tokens.shape[0], shuffle=False, callbacks=[record])
+        seconds = time.perf_counter() - start
+        per_chain = [mean_and_se(np.array(d)) for d in draws.values()]
+        value = float(np.mean([args.t * m for m, _ in per_chain]))
+        return value, args.t * math.sqrt(sum(s ** 2 for _, s in per_chain)) / len(per_chain), seconds
+
+    theirs, theirs_se, theirs_s = devinterp_run(SGMCMC.sgld, dict(lr=args.step_size, nbeta=args.t,
+                                                                   localization=args.gamma))
     steps = args.chains * (args.burn_in + args.draws)
     print(f"\nestimate_neff: λ̂ = {ours.lambda_hat:.4g} ± {ours.standard_error / 2:.2g}, {ours_s:.2f} s "
           f"({1e3 * ours_s / steps:.2f} ms/step, step-size choice and z* included)")
@@ -122,6 +133,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "ours_lambda": ours.lambda_hat, "ours_se": ours.standard_error / 2, "devinterp_lambda": theirs,
               "devinterp_se": theirs_se, "steps": steps, "step_size": args.step_size, "t": args.t,
               "gamma": args.gamma, "params": args.params, "preset": args.preset, "environment": environment()}
+    if args.rmsprop:
+        start = time.perf_counter()
+        pre = estimate_neff(model, tokens, eps=1 / args.t, params=subset, gamma=args.gamma, preconditioner="rmsprop",
+                            n_chains=args.chains, n_draws=args.draws, burn_in=args.burn_in, progress=False).scales[0]
+        pre_s = time.perf_counter() - start
+        eta = pre.step_size
+        r_value, r_se, r_s = devinterp_run(SGMCMC.rmsprop_sgld, dict(lr=eta, nbeta=args.t, localization=args.gamma,
+                                                                     eps=math.sqrt(args.gamma)))
+        print(f"\nRMSprop, η = {eta:.3g} (ours: chosen in the frozen metric; devinterp: the same lr, eps = √γ)")
+        print(f"estimate_neff rmsprop: λ̂ = {pre.lambda_hat:.4g} ± {pre.standard_error / 2:.2g}, {pre.kept}/"
+              f"{len(pre.chains)} chains kept, {pre_s:.2f} s (pilot included), relaxation {pre.relax_steps:.3g} steps")
+        print(f"devinterp rmsprop_sgld: λ̂ = {r_value:.4g} ± {r_se:.2g}, {r_s:.2f} s")
+        result["rmsprop"] = {"ours_s": pre_s, "ours_lambda": pre.lambda_hat, "ours_se": pre.standard_error / 2,
+                             "ours_kept": pre.kept, "step_size": eta, "relax_steps": pre.relax_steps,
+                             "devinterp_s": r_s, "devinterp_lambda": r_value, "devinterp_se": r_se}
     emit_result(result, args)
     return result
 

@@ -241,10 +241,11 @@ def test_head_slice_estimate_result_file_and_plots(tiny, tiny_tokens, tmp_path):
 
 @pytest.mark.models
 def test_kl_and_hook_outputs(tiny, tiny_tokens):
+    # burn-in 30: the preconditioned chain overshoots in its first steps (burn-in 5 was flagged as drifting)
     kl = estimate_neff(tiny, tiny_tokens, eps=1e-2, params="unembed.W_U", loss="kl", gamma=100.0, n_chains=1,
-                       n_draws=30, burn_in=5, progress=False)
+                       n_draws=60, burn_in=30, progress=False)
     local = estimate_neff(tiny, tiny_tokens, eps=1e-2, params="blocks.0.attn.W_V", output="blocks.0.attn.hook_v",
-                          gamma=100.0, n_chains=1, n_draws=30, burn_in=5, progress=False)
+                          gamma=100.0, n_chains=1, n_draws=60, burn_in=30, progress=False)
     assert kl.scales[0].kept == 1 and local.scales[0].kept == 1
     with pytest.raises(ValueError, match="needs output='logits'"):
         LLCConfig(eps=1e-2, loss="kl", output="blocks.0.hook_resid_post")
@@ -277,7 +278,7 @@ def test_cli_llc_command(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: the parameter subset") and "Traceback" not in err and not os.path.exists("bad")
     code = _cli(["llc", "--eps", "1e-2", "1e-1", "--params", "blocks.3.attn.W_V", "--head", "0", "--chains", "2",
-                 "--draws", "40", "--burn-in", "40", "--pilot-steps", "20", "--tokens", "64", "--context", "16",
+                 "--draws", "60", "--burn-in", "100", "--pilot-steps", "20", "--tokens", "64", "--context", "16",
                  "--kfac", "--no-progress", "--out", "run"])
     out = capsys.readouterr().out
     assert code == 0, out
