@@ -185,3 +185,33 @@ def test_cli_llc_with_no_kept_chain_writes_results_and_exits_2(tmp_path, capsys,
     assert len(message) == 1 and "every chain diverged" in message[0]  # one paragraph
     assert (tmp_path / "run" / "llc.json").exists()
     assert (tmp_path / "run" / "plots" / "llc_curve.png").stat().st_size > 1000
+
+
+def test_shared_tensors_are_saved_as_copies(tmp_path):
+    """The query heads of a grouped-query layer share one input Gram: the checkpoint writer must not refuse."""
+    from safetensors.torch import load_file
+
+    from tl_degeneracy.checkpoint import atomic_save_safetensors
+
+    g = torch.arange(6.0).reshape(2, 3)
+    atomic_save_safetensors({"a": g, "b": g, "row": g[1]}, {}, tmp_path / "x.safetensors")
+    back = load_file(tmp_path / "x.safetensors")
+    assert torch.equal(back["a"], g) and torch.equal(back["b"], g) and torch.equal(back["row"], g[1])
+
+
+@pytest.mark.models
+def test_checkpointed_ekfac_run_on_a_grouped_query_llama_resumes(tmp_path):
+    """SmolLM2's architecture at toy size (GQA, SwiGLU, RMSNorm): K-FAC blocks per query head share their
+    Grams; the checkpoint is written and a resume gives the uninterrupted result."""
+    from tl_degeneracy.llc import ParamSubset
+    from tl_degeneracy.testing.hf_models import LLAMA, tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=0)
+    tokens = torch.randint(3, LLAMA["vocab_size"], (4, 12), generator=torch.Generator().manual_seed(0))
+    options = dict(eps=1e-2, params=ParamSubset(layer=1), n_chains=1, n_draws=20, burn_in=10, pilot_steps=10,
+                   seed=1, progress=False)
+    path = tmp_path / "llc.safetensors"
+    whole = estimate_neff(model, tokens, checkpoint=path, **options)
+    assert whole.scales[0].preconditioner["kind"] == "ekfac" and whole.scales[0].preconditioner["kfac_blocks"] > 0
+    again = estimate_neff(model, tokens, checkpoint=path, resume=True, **options)
+    assert [c.trace for c in again.scales[0].chains] == [c.trace for c in whole.scales[0].chains]

@@ -56,6 +56,22 @@ def rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors, each with its own storage: safetensors refuses tensors that share memory
+    (e.g. the same input Gram held by every query head of a grouped-query layer); later sharers are copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        t = value.detach().contiguous().cpu()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
 def atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
     """Write ``tensors`` and string ``metadata`` to ``path`` atomically (temporary file, fsync, rename)."""
     from safetensors.torch import save_file
@@ -65,7 +81,7 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_unshared(tensors), tmp, metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

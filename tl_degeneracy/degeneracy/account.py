@@ -153,8 +153,8 @@ class DegeneracyReport:
         neurons = "" if self.neuron_threshold is None else f" (cost ≤ {self.neuron_threshold:g})"
         lines.append(f"total: {t.nominal_weights} weight parameters ({t.nominal_model} in the model), "
                      f"K-FAC effective count {t.kfac_rank} at eps={self.eps:.3g}, "
-                     f"synchronized heads{heads} −{t.synchronized_head_freedoms}, "
-                     f"neurons{neurons} −{t.synchronized_neuron_freedoms} → {t.effective_parameters}")
+                     f"synchronized heads{heads} {_minus(t.synchronized_head_freedoms)}, "
+                     f"neurons{neurons} {_minus(t.synchronized_neuron_freedoms)} → {t.effective_parameters}")
         return "\n".join(lines)
 
 
@@ -302,3 +302,8 @@ def _add_totals(report: DegeneracyReport, model: HookedModel, heads: Synchronize
         # (which the per-matrix counts cannot see).
         effective_parameters=max(0, sums["kfac_rank"] - head_total - neuron_total),
     )
+
+
+def _minus(n: int) -> str:
+    """A subtracted count as printed: "−3", and "none" rather than "−0"."""
+    return f"−{n}" if n else "none"

@@ -95,7 +95,9 @@ class KroneckerFactor(Factor):
 
     kind = Preconditioning.KFAC
 
-    def __init__(self, blocks: list[KroneckerBlock], scales: list[Tensor], rest: DiagonalFactor):
+    def __init__(self, blocks: list[KroneckerBlock], scales: list[Tensor], rest: DiagonalFactor,
+                 kind: Preconditioning = Preconditioning.KFAC):
+        self.kind = kind  # KFAC, or EKFAC (the same factor with corrected eigenvalues)
         self.blocks = blocks
         self.scales = scales  # per block, [d_in, d_out], the param dtype
         self.rest = rest  # zero on the entries the blocks hold
@@ -163,4 +165,4 @@ def preconditioner(kind: Preconditioning, curvature: Curvature, target: Target, 
         else:
             products = torch.outer(_floor(block.g), _floor(block.k))
         scales.append((t * products + gamma).rsqrt().to(dtypes[block.slot]))
-    return KroneckerFactor(curvature.blocks, scales, DiagonalFactor(rest, kind))
+    return KroneckerFactor(curvature.blocks, scales, DiagonalFactor(rest, kind), kind)
