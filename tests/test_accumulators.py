@@ -115,3 +115,29 @@ def test_format_2_statistics_with_square_sums_still_load(tmp_path):
     assert loaded.accumulators[("activations", "blocks.0.hook_resid_pre")] == acc
     Stats({("activations", "blocks.0.hook_resid_pre"): acc}).save(tmp_path / "v3.safetensors")
     assert Stats.load(tmp_path / "v3.safetensors").accumulators[("activations", "blocks.0.hook_resid_pre")] == acc
+
+
+def test_saved_accumulator_kinds_load_in_a_fresh_process(tmp_path):
+    """An analysis' stats.safetensors holds accumulators defined above the collection layer (the massive-
+    activation moments): ``Stats.load`` imports the module that registers a kind, so loading needs nothing
+    imported first; a kind nobody registers is one clear error."""
+    import subprocess
+    import sys
+
+    from tl_degeneracy.analysis.outliers import PositionMoments
+
+    stats = Stats({("activations", "h"): GramAccumulator.from_batch(torch.randn(5, 3, dtype=torch.float64)),
+                   ("extreme_activations", "h#moments"): PositionMoments({"sq": torch.ones(5, 3, dtype=torch.float64),
+                                                                         "n": torch.ones(5, dtype=torch.float64)})},
+                  n_tokens=5, n_batches=1)
+    stats.save(tmp_path / "stats.safetensors")
+    code = ("from tl_degeneracy.collection.stats import Stats; import sys; "
+            f"s = Stats.load({str(tmp_path / 'stats.safetensors')!r}); "
+            "print(sorted(g for g, _ in s.accumulators))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "extreme_activations" in out.stdout
+    from tl_degeneracy.collection.stats import accumulator_kind
+
+    with pytest.raises(ValueError, match="no imported module registers"):
+        accumulator_kind("no_such_kind")

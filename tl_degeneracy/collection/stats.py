@@ -22,6 +22,28 @@ from ..checkpoint import atomic_save_safetensors, read_safetensors_metadata
 from ..triangular import pack
 from .accumulators import ACCUMULATOR_KINDS, AdditiveAccumulator, GramAccumulator
 
+# Where the accumulator kinds defined above this layer live: a saved Stats may hold them (an analysis'
+# stats.safetensors holds the massive-activation moments), and their class registers itself on import.
+# Imported by name when a file needs one, as a plugin would be (this layer never imports them otherwise).
+KIND_PROVIDERS = {
+    "head_sync": "tl_degeneracy.sync.heads", "neuron_sync": "tl_degeneracy.sync.neurons",
+    "edges": "tl_degeneracy.interactions.edges", "edge_rest_probes": "tl_degeneracy.interactions.edges",
+    "example_topk": "tl_degeneracy.dashboards.examples", "activation_histogram": "tl_degeneracy.dashboards.examples",
+    "position_moments": "tl_degeneracy.analysis.outliers",
+}
+
+
+def accumulator_kind(kind: str) -> type[AdditiveAccumulator]:
+    """The registered class of an accumulator kind, importing the module that defines it if need be."""
+    if kind not in ACCUMULATOR_KINDS and kind in KIND_PROVIDERS:
+        import importlib
+
+        importlib.import_module(KIND_PROVIDERS[kind])
+    if kind not in ACCUMULATOR_KINDS:
+        raise ValueError(f"the statistics hold an accumulator of kind {kind!r}, which no imported module registers; "
+                         "import the module that defines it (a subclass of AdditiveAccumulator with that kind) first")
+    return ACCUMULATOR_KINDS[kind]
+
 FORMAT_VERSION = 3  # 3: symmetric sums kept as upper triangles (S → S_triu); format 2 is still read
 ACTIVATIONS, JACOBIANS = "activations", "jacobians"
 
@@ -234,7 +256,7 @@ class Stats:
                 group, name = key.split("/", 1)
                 if wanted is not None and group not in wanted:
                     continue
-                acc_cls = ACCUMULATOR_KINDS[kind]
+                acc_cls = accumulator_kind(kind)
                 accumulators[(group, name)] = acc_cls({f: _read_field(fh, key, f, version) for f in acc_cls.fields})
         run = None if meta.get("run") is None else RunRecord.from_dict(meta["run"])
         progress = None if meta.get("progress") is None else Progress(**meta["progress"])
