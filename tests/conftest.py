@@ -71,3 +71,13 @@ def modadd_dir() -> Path:
     """RIB's grokked modular-addition checkpoint, shipped inside the package."""
     assert (MODADD_DIR / "model_epoch_60000.pt").exists(), MODADD_DIR
     return MODADD_DIR
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny ops lose to thread synchronisation on a shared 2-core machine
+    (7x measured in the sampler tests); the previous count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

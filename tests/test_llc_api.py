@@ -22,13 +22,7 @@ from tl_degeneracy.llc import (
     resolve_subset,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops lose to thread synchronisation
 
 
 class Linear(nn.Module):

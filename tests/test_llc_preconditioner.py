@@ -22,13 +22,7 @@ from tl_degeneracy.llc.plots import layer_bars, loss_traces, neff_curve
 sys.path.insert(0, str(Path(__file__).parent))
 from test_llc_truths import exact_gn_eigenvalues  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops lose to thread synchronisation
 
 
 def spd(n: int, seed: int) -> torch.Tensor:

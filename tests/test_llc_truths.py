@@ -21,14 +21,7 @@ from torch.func import functional_call, jacrev
 from tl_degeneracy.llc import ParamSubset, estimate_neff, quadratic_neff, resolve_subset
 from tl_degeneracy.testing import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops lose to thread synchronisation on a shared 2-core machine (7x measured).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops lose to thread synchronisation
 
 
 # -- quadratic truth -------------------------------------------------------------------------------
