@@ -1,7 +1,7 @@
 """SmolLM2-135M's interaction graph at LLM scale on this machine: wall time and peak RSS of a budgeted edge pass.
 
     python benchmarks/smollm2_edges.py --folder DIR [--tokens 512] [--top-k 64]
-                                       [--bases interaction pca] [--rest-probes 8] [--memory-gib 2]
+                                       [--bases interaction pca] [--rest-probes 8] [--memory-gib 1.5]
                                        [--threads 2] [--pairs N]
 
 All 30 layer pairs (the 31 residual nodes ``blocks.l.hook_resid_pre`` and the last ``hook_resid_post``),
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--bases", nargs="+", default=["interaction", "pca"], choices=["interaction", "pca"])
     parser.add_argument("--rest-probes", type=int, default=8)
-    parser.add_argument("--memory-gib", type=float, default=2.0, help="memory for one vmapped call's passes")
+    parser.add_argument("--memory-gib", type=float, default=1.5, help="memory for one vmapped call's passes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=None, help="only the first N layer pairs (a quick look)")
     parser.add_argument("--no-malloc-tuning", action="store_true", help="run with glibc's default malloc settings")
