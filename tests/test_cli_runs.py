@@ -92,6 +92,8 @@ def test_ctrl_c_at_start_up_prints_no_traceback(tmp_path):
     time.sleep(1.0)  # importing torch, loading the model
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130 from our handler; or, when the signal lands while the interpreter is already shutting down after
+    # it, death by SIGINT itself, which a shell also reports as 130 (128 + 2): either way no traceback
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
     assert "Traceback" not in err and "interrupted" in err, err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
